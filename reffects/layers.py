@@ -1,0 +1,485 @@
+"""Keras 3 layers with mean-field Normal posteriors: the terms of a mixed model's predictor.
+
+Each layer adds, through `add_loss`, an unbiased estimate of its total KL(q || p); the
+`ELBOModel` divides the sum by the number of training examples N, so the loss Keras reports
+is the negative ELBO per training example.
+"""
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import tensorflow_probability as tfp
+from keras import ops
+
+from reffects.posteriors import (
+    add_normal_posterior,
+    get_scale_prior,
+    inverse_softplus,
+    normal_kl,
+    normal_summary,
+    positive,
+)
+
+tfd = tfp.distributions
+
+
+def _check_positive(name, value):
+    if not value > 0:
+        raise ValueError(f"`{name}` must be positive. Received: {name}={value}")
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def _summary_frame(loc, scale, level, index_name):
+    """One row per entry of `loc` (units flattened into a `unit` column when > 1)."""
+    stats = normal_summary(loc, scale, level)
+    rows, units = np.asarray(loc).shape
+    frame = pd.DataFrame({key: value.reshape(-1) for key, value in stats.items()})
+    frame.insert(0, index_name, np.repeat(np.arange(rows), units))
+    if units > 1:
+        frame.insert(1, "unit", np.tile(np.arange(units), rows))
+        return frame
+    return frame.set_index(index_name)
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class GlobalIntercept(keras.layers.Layer):
+    """A global intercept alpha with a Normal variational posterior.
+
+        alpha ~ Normal(prior_loc, prior_scale)      q(alpha) = Normal(loc, scale)
+
+    The layer adds KL(q || p) in full at every call; `ELBOModel` divides it by N.
+
+    Args:
+        units: number of outputs (one intercept per output).
+        prior_loc: mean of the Normal prior.
+        prior_scale: standard deviation of the Normal prior, on the scale of the response.
+        loc_initializer: initial posterior mean; start it at the (link of the) mean of y,
+            since alpha and the mean group offset are nearly a flat direction.
+        initial_posterior_scale: initial posterior standard deviation.
+        seed: seed of the noise drawn in training.
+
+    Input shape:
+        Any tensor whose first axis is the batch.
+
+    Output shape:
+        `(batch_size, units)`: a draw from q when `training=True`, the posterior mean otherwise.
+
+    Example:
+        >>> layer = GlobalIntercept(loc_initializer=keras.initializers.Constant(2.0))
+        >>> layer(np.zeros((3, 1))).shape
+        (3, 1)
+    """
+
+    def __init__(
+        self,
+        units: int = 1,
+        prior_loc: float = 0.0,
+        prior_scale: float = 10.0,
+        loc_initializer="zeros",
+        initial_posterior_scale: float = 0.01,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("units", units)
+        _check_positive("prior_scale", prior_scale)
+        _check_positive("initial_posterior_scale", initial_posterior_scale)
+        self.units = units
+        self.prior_loc = float(prior_loc)
+        self.prior_scale = float(prior_scale)
+        self.loc_initializer = keras.initializers.get(loc_initializer)
+        self.initial_posterior_scale = float(initial_posterior_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        self.intercept_loc, self.intercept_untransformed_scale = add_normal_posterior(
+            self, "intercept", (self.units,), self.loc_initializer, self.initial_posterior_scale
+        )
+
+    def call(self, inputs, training=False):
+        loc = self.intercept_loc
+        scale = positive(self.intercept_untransformed_scale)
+        self.add_loss(ops.sum(normal_kl(loc, scale, self.prior_loc, self.prior_scale)))
+        shape = (ops.shape(inputs)[0], self.units)
+        if training:
+            return loc + scale * keras.random.normal(shape, seed=self.seed_generator)
+        return ops.broadcast_to(loc, shape)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units)
+
+    def posterior(self):
+        """q(alpha) as a `tfd.Normal` of shape `(units,)`."""
+        return tfd.Normal(self.intercept_loc, positive(self.intercept_untransformed_scale))
+
+    def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
+        """Posterior mean, sd and central `level` interval, one row per unit."""
+        loc = ops.convert_to_numpy(self.intercept_loc)[None, :]
+        scale = ops.convert_to_numpy(positive(self.intercept_untransformed_scale))[None, :]
+        return _summary_frame(loc.T, scale.T, level, "unit")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            prior_loc=self.prior_loc,
+            prior_scale=self.prior_scale,
+            loc_initializer=keras.initializers.serialize(self.loc_initializer),
+            initial_posterior_scale=self.initial_posterior_scale,
+            seed=self.seed,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class FixedEffects(keras.layers.Layer):
+    """Linear fixed effects x . beta with a mean-field Normal posterior on beta.
+
+        beta_jk ~ Normal(prior_loc, prior_scale)    q(beta_jk) = Normal(loc_jk, scale_jk)
+
+    In training the output is drawn per row from its exact distribution under q,
+    Normal(x . loc, sqrt((x * x) . scale^2)) (local reparameterisation), which has lower
+    variance than drawing beta once per batch. KL(q || p) is added in full at every call.
+
+    Args:
+        units: number of outputs.
+        prior_loc: mean of the Normal prior of each coefficient.
+        prior_scale: standard deviation of that prior, on the scale of response / feature.
+        initial_posterior_scale: initial posterior standard deviation.
+        seed: seed of the noise drawn in training.
+
+    Input shape:
+        `(batch_size, num_features)` floats.
+
+    Output shape:
+        `(batch_size, units)`.
+
+    Example:
+        >>> layer = FixedEffects()
+        >>> layer(np.ones((4, 3), dtype="float32")).shape
+        (4, 1)
+    """
+
+    def __init__(
+        self,
+        units: int = 1,
+        prior_loc: float = 0.0,
+        prior_scale: float = 10.0,
+        initial_posterior_scale: float = 0.01,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("units", units)
+        _check_positive("prior_scale", prior_scale)
+        _check_positive("initial_posterior_scale", initial_posterior_scale)
+        self.units = units
+        self.prior_loc = float(prior_loc)
+        self.prior_scale = float(prior_scale)
+        self.initial_posterior_scale = float(initial_posterior_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        num_features = input_shape[-1]
+        if num_features is None:
+            raise ValueError("FixedEffects needs a known number of features (last axis).")
+        self.kernel_loc, self.kernel_untransformed_scale = add_normal_posterior(
+            self,
+            "kernel",
+            (num_features, self.units),
+            "zeros",
+            self.initial_posterior_scale,
+        )
+
+    def call(self, inputs, training=False):
+        inputs = ops.cast(inputs, self.compute_dtype)
+        scale = positive(self.kernel_untransformed_scale)
+        self.add_loss(ops.sum(normal_kl(self.kernel_loc, scale, self.prior_loc, self.prior_scale)))
+        mean = ops.matmul(inputs, self.kernel_loc)
+        if not training:
+            return mean
+        variance = ops.matmul(ops.square(inputs), ops.square(scale))
+        noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
+        return mean + ops.sqrt(variance + 1e-12) * noise
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units)
+
+    def posterior(self):
+        """q(beta) as a `tfd.Normal` of shape `(num_features, units)`."""
+        return tfd.Normal(self.kernel_loc, positive(self.kernel_untransformed_scale))
+
+    def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
+        """Posterior mean, sd and central `level` interval, one row per feature."""
+        loc = ops.convert_to_numpy(self.kernel_loc)
+        scale = ops.convert_to_numpy(positive(self.kernel_untransformed_scale))
+        return _summary_frame(loc, scale, level, "feature")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            prior_loc=self.prior_loc,
+            prior_scale=self.prior_scale,
+            initial_posterior_scale=self.initial_posterior_scale,
+            seed=self.seed,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class RandomIntercept(keras.layers.Layer):
+    """Per-group intercept offsets b[g] with partial pooling through a learned scale sigma.
+
+        b[g] ~ Normal(0, sigma)                     q(b[g]) = Normal(loc[g], scale[g])
+        sigma: a point estimate (empirical Bayes, `scale_prior=None`) or
+               sigma ~ scale_prior with q(sigma) = LogNormal (`"exponential"`, `"half_normal"`)
+
+    KL scaling: a training row of group g is charged KL_g / n_g, where n_g is the group's
+    count in the training data (set by `adapt`, which `ELBOModel.fit` calls for you when
+    the group ids are a model input). Summed over the data that is sum_g KL_g, so the batch
+    estimate is unbiased and touches only the batch's groups; groups with no training rows
+    stay at the prior. With a hyperprior the KL is the expectation under q(sigma), which is
+    analytic, plus KL(q(sigma) || p(sigma)).
+
+    A group with no training rows is a new group: its offset is 0 in `predict` and its
+    posterior is the prior Normal(0, sigma).
+
+    Args:
+        num_groups: number of levels; ids must lie in `[0, num_groups)`.
+        units: number of outputs (independent offsets per output).
+        scale_prior: None, "exponential", "half_normal" or a `ScalePrior` instance.
+        initial_group_scale: starting value of sigma (its posterior median with a
+            hyperprior).
+        initial_posterior_scale: initial posterior standard deviation of each offset.
+        seed: seed of the noise drawn in training.
+
+    Input shape:
+        Integer group ids, `(batch_size,)` or `(batch_size, 1)`.
+
+    Output shape:
+        `(batch_size, units)`.
+
+    Example:
+        >>> layer = RandomIntercept(num_groups=3)
+        >>> layer.adapt(np.array([0, 0, 1, 2]))
+        >>> layer(np.array([0, 2])).shape
+        (2, 1)
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        units: int = 1,
+        scale_prior=None,
+        initial_group_scale: float = 1.0,
+        initial_posterior_scale: float = 0.1,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("num_groups", num_groups)
+        _check_positive_int("units", units)
+        _check_positive("initial_group_scale", initial_group_scale)
+        _check_positive("initial_posterior_scale", initial_posterior_scale)
+        self.num_groups = int(num_groups)
+        self.units = units
+        self.scale_prior = get_scale_prior(scale_prior)
+        self.initial_group_scale = float(initial_group_scale)
+        self.initial_posterior_scale = float(initial_posterior_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.input_spec = keras.layers.InputSpec(max_ndim=2)
+
+    def build(self, input_shape):
+        self.offset_loc, self.offset_untransformed_scale = add_normal_posterior(
+            self, "offset", (self.num_groups, self.units), "zeros", self.initial_posterior_scale
+        )
+        if self.scale_prior is None:
+            self.group_scale_untransformed = self.add_weight(
+                name="group_scale_untransformed",
+                shape=(self.units,),
+                initializer=keras.initializers.Constant(inverse_softplus(self.initial_group_scale)),
+            )
+        else:
+            self.log_group_scale_loc, self.log_group_scale_untransformed_scale = (
+                add_normal_posterior(
+                    self,
+                    "log_group_scale",
+                    (self.units,),
+                    keras.initializers.Constant(np.log(self.initial_group_scale)),
+                    0.1,
+                )
+            )
+        self.group_counts = self.add_weight(
+            name="group_counts",
+            shape=(self.num_groups,),
+            initializer="zeros",
+            trainable=False,
+        )
+
+    def adapt(self, group_ids):
+        """Records each group's count in the training data (n_g of the KL scaling)."""
+        ids = self.validate_ids(group_ids)
+        if not self.built:
+            self.build((None,))
+        self.group_counts.assign(np.bincount(ids, minlength=self.num_groups).astype("float32"))
+
+    @property
+    def is_adapted(self) -> bool:
+        """Whether `adapt` has recorded training counts."""
+        return self.built and bool(np.any(ops.convert_to_numpy(self.group_counts) > 0))
+
+    def validate_ids(self, group_ids) -> np.ndarray:
+        """Checks ids eagerly (integers in `[0, num_groups)`) and returns them as int64."""
+        values = np.asarray(group_ids)
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.ndim != 1:
+            raise ValueError(
+                f"RandomIntercept '{self.name}' takes group ids of shape (batch,) or "
+                f"(batch, 1). Received shape {values.shape}"
+            )
+        if not (
+            np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+        ):
+            raise ValueError(
+                f"RandomIntercept '{self.name}' takes integer group ids. "
+                f"Received dtype {values.dtype}"
+            )
+        if np.issubdtype(values.dtype, np.floating):
+            bad = values[~np.isfinite(values) | (values != np.round(values))]
+            if bad.size:
+                raise ValueError(
+                    f"group id {bad[0]} is not an integer; RandomIntercept '{self.name}' "
+                    "takes integer group ids"
+                )
+        bad = values[(values < 0) | (values >= self.num_groups)]
+        if bad.size:
+            raise ValueError(
+                f"group id {bad[0]:g} is out of range for RandomIntercept '{self.name}' with "
+                f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups})"
+            )
+        return values.astype("int64")
+
+    def _checked_ids(self, inputs):
+        if tf.executing_eagerly():
+            return ops.convert_to_tensor(self.validate_ids(ops.convert_to_numpy(inputs)))
+        ids = tf.reshape(inputs, [-1])
+        if ids.dtype.is_floating:
+            tf.debugging.assert_equal(
+                ids,
+                tf.round(ids),
+                message=f"group ids of RandomIntercept '{self.name}' must be integers",
+            )
+        ids = tf.cast(ids, "int64")
+        bad = tf.boolean_mask(ids, (ids < 0) | (ids >= self.num_groups))
+        tf.debugging.Assert(
+            tf.size(bad) == 0,
+            [
+                f"group id out of range for RandomIntercept '{self.name}' with "
+                f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups}). "
+                "Offending ids:",
+                bad[:5],
+            ],
+        )
+        return ids
+
+    def group_scale(self):
+        """sigma: the point estimate, or the posterior mean of q(sigma). Shape `(units,)`."""
+        if self.scale_prior is None:
+            return positive(self.group_scale_untransformed)
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.exp(self.log_group_scale_loc + 0.5 * ops.square(s))
+
+    def _offset_kl(self, loc, scale):
+        """KL(q(b[g]) || p(b[g] | sigma)), taking its expectation under q(sigma) if any."""
+        if self.scale_prior is None:
+            return normal_kl(loc, scale, 0.0, positive(self.group_scale_untransformed))
+        mu = self.log_group_scale_loc
+        s = positive(self.log_group_scale_untransformed_scale)
+        # E[log sigma] = mu and E[1 / sigma^2] = exp(-2 mu + 2 s^2) under LogNormal(mu, s).
+        inverse_variance = ops.exp(-2.0 * mu + 2.0 * ops.square(s))
+        return (
+            mu
+            - ops.log(scale)
+            + 0.5 * (ops.square(scale) + ops.square(loc)) * inverse_variance
+            - 0.5
+        )
+
+    def _hyperprior_kl(self):
+        if self.scale_prior is None:
+            return 0.0
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.sum(self.scale_prior.kl_from_lognormal(self.log_group_scale_loc, s))
+
+    def call(self, inputs, training=False):
+        ids = self._checked_ids(inputs)
+        loc = ops.take(self.offset_loc, ids, axis=0)
+        scale = positive(ops.take(self.offset_untransformed_scale, ids, axis=0))
+        counts = ops.take(self.group_counts, ids, axis=0)
+        if training:
+            row_kl = ops.sum(self._offset_kl(loc, scale), axis=-1) / ops.maximum(counts, 1.0)
+            kl = ops.sum(self.group_counts) * ops.mean(row_kl)
+            self.add_loss(kl + self._hyperprior_kl())
+            noise = keras.random.normal(ops.shape(loc), seed=self.seed_generator)
+            return loc + scale * noise
+        all_kl = ops.sum(
+            self._offset_kl(self.offset_loc, positive(self.offset_untransformed_scale)), axis=-1
+        )
+        seen = self.group_counts > 0
+        self.add_loss(ops.sum(ops.where(seen, all_kl, 0.0)) + self._hyperprior_kl())
+        return ops.where(ops.expand_dims(counts > 0, -1), loc, 0.0)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units)
+
+    def posterior(self):
+        """q as TFP distributions: `offset` (num_groups, units) and `group_scale`.
+
+        Groups with no training rows get the prior Normal(0, sigma).
+        """
+        seen = ops.expand_dims(self.group_counts > 0, -1)
+        sigma = self.group_scale()
+        loc = ops.where(seen, self.offset_loc, 0.0)
+        scale = ops.where(seen, positive(self.offset_untransformed_scale), sigma)
+        if self.scale_prior is None:
+            group_scale = tfd.Deterministic(sigma)
+        else:
+            group_scale = tfd.LogNormal(
+                self.log_group_scale_loc, positive(self.log_group_scale_untransformed_scale)
+            )
+        return {"offset": tfd.Normal(loc, scale), "group_scale": group_scale}
+
+    def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
+        """Offsets per group: mean, sd, central `level` interval and training count `n`."""
+        offset = self.posterior()["offset"]
+        frame = _summary_frame(
+            ops.convert_to_numpy(offset.loc), ops.convert_to_numpy(offset.scale), level, "group"
+        )
+        counts = ops.convert_to_numpy(self.group_counts).astype("int64")
+        frame["n"] = np.repeat(counts, self.units)
+        return frame
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_groups=self.num_groups,
+            units=self.units,
+            scale_prior=(
+                None
+                if self.scale_prior is None
+                else keras.saving.serialize_keras_object(self.scale_prior)
+            ),
+            initial_group_scale=self.initial_group_scale,
+            initial_posterior_scale=self.initial_posterior_scale,
+            seed=self.seed,
+        )
+        return config
