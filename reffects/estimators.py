@@ -90,6 +90,7 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
     ----------
     group_cols : list of column names (DataFrame) or integer positions (ndarray)
         The grouping factors; every other column is a numeric fixed-effect feature.
+        `()` leaves no grouping factor: a Bayesian linear regression.
     hidden_units : tuple of int
         `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f.
     family : "gaussian"
@@ -131,7 +132,7 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        group_cols=(0,),
+        group_cols=None,
         hidden_units=(),
         family: str = "gaussian",
         epochs: int | None = None,
@@ -180,13 +181,17 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
             )
 
     def _group_positions(self, X):
+        if self.group_cols is None:
+            raise ValueError(
+                "`group_cols` must name the grouping columns (names for a DataFrame, "
+                "positions for an ndarray; () fits a Bayesian linear regression). "
+                "Received: group_cols=None"
+            )
         cols = (
             [self.group_cols]
             if isinstance(self.group_cols, (str, numbers.Integral))
             else list(self.group_cols)
         )
-        if not cols:
-            raise ValueError("`group_cols` must name at least one grouping column.")
         names = list(X.columns) if isinstance(X, pd.DataFrame) else None
         positions = []
         for col in cols:
@@ -235,6 +240,8 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
                 )
             groups.append(values)
         feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
+        if not feature_positions and not positions:
+            raise ValueError("X has no columns; at least 1 is required.")
         features = np.empty((frame.shape[0], len(feature_positions)))
         for j, pos in enumerate(feature_positions):
             column = frame.iloc[:, pos]
@@ -345,7 +352,7 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         )
         start = time.perf_counter()
         history = self.model_.fit(
-            stream, epochs=epochs, steps_per_epoch=steps, verbose=self.verbose
+            stream, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=self.verbose
         )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history.history

@@ -377,14 +377,14 @@ class RandomIntercept(keras.layers.Layer):
             tf.debugging.assert_equal(
                 ids,
                 tf.round(ids),
-                message=f"group ids of RandomIntercept '{self.name}' must be integers",
+                message=f"group ids of RandomIntercept {self.name} must be integers",
             )
         ids = tf.cast(ids, "int64")
         bad = tf.boolean_mask(ids, (ids < 0) | (ids >= self.num_groups))
         tf.debugging.Assert(
             tf.size(bad) == 0,
             [
-                f"group id out of range for RandomIntercept '{self.name}' with "
+                f"group id out of range for RandomIntercept {self.name} with "
                 f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups}). "
                 "Offending ids:",
                 bad[:5],

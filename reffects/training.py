@@ -127,6 +127,22 @@ class ELBOModel(keras.Model):
         self._adapt_group_layers(train_x)
         return super().fit(x, y, **kwargs)
 
+    def evaluate(self, x=None, y=None, **kwargs):
+        """`keras.Model.evaluate`, after checking in-memory group ids eagerly."""
+        self._check_group_ids(x)
+        return super().evaluate(x, y, **kwargs)
+
+    def predict(self, x, **kwargs):
+        """`keras.Model.predict`, after checking in-memory group ids eagerly."""
+        self._check_group_ids(x)
+        return super().predict(x, **kwargs)
+
+    def _check_group_ids(self, x):
+        if x is not None and not _is_stream(x):
+            for layer, ids in self._group_ids_by_layer(x):
+                if ids is not None:
+                    layer.validate_ids(np.asarray(ids))
+
     @staticmethod
     def _training_part(x, validation_split, validation_data):
         """The in-memory inputs Keras will train on and their length, or (None, None)."""
@@ -152,17 +168,21 @@ class ELBOModel(keras.Model):
             return {id(t): value for t, value in zip(inputs, train_x)}
         return {}
 
-    def _adapt_group_layers(self, train_x):
-        values = self._network_input_values(train_x)
+    def _group_ids_by_layer(self, x):
+        """Pairs (RandomIntercept, its in-memory ids or None) for every such layer."""
+        values = self._network_input_values(x)
         for layer in self._flatten_layers():
-            if not isinstance(layer, RandomIntercept):
-                continue
-            try:
-                source = id(layer.input)
-            except (AttributeError, ValueError):
-                source = None
-            if source in values:
-                layer.adapt(np.asarray(values[source]))
+            if isinstance(layer, RandomIntercept):
+                try:
+                    source = id(layer.input)
+                except (AttributeError, ValueError):
+                    source = None
+                yield layer, values.get(source)
+
+    def _adapt_group_layers(self, train_x):
+        for layer, ids in self._group_ids_by_layer(train_x):
+            if ids is not None:
+                layer.adapt(np.asarray(ids))
             elif not layer.is_adapted:
                 raise ValueError(
                     f"RandomIntercept '{layer.name}' needs the training count of each group "

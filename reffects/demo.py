@@ -1,0 +1,67 @@
+"""The main job: three models on housing-style data, as in the founding Zillow analysis.
+
+    python -m reffects.demo [--rows 30000] [--zipcodes 300] [--epochs N]
+
+Fits a Bayesian linear regression, the same plus zip-code random intercepts, and the same
+plus a small dense subnetwork; prints validation MAE, the estimated variance components and
+the fit time of each.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from reffects.datasets import make_housing  # noqa: E402
+from reffects.estimators import RandomEffectsRegressor  # noqa: E402
+
+MODELS = {
+    "Bayesian linear regression": {"group_cols": []},
+    "+ zip-code random intercepts": {"group_cols": ["zipcode"]},
+    "+ dense subnetwork (32, 16)": {"group_cols": ["zipcode"], "hidden_units": (32, 16)},
+}
+
+
+def run(num_rows: int = 30000, num_zipcodes: int = 300, epochs: int | None = None, seed: int = 0):
+    """Fits the three models and returns the results table as a DataFrame."""
+    X, y = make_housing(num_rows, num_zipcodes, seed=seed)
+    order = np.random.default_rng(seed).permutation(num_rows)
+    split = int(0.8 * num_rows)
+    train, valid = order[:split], order[split:]
+    rows = []
+    for name, params in MODELS.items():
+        est = RandomEffectsRegressor(**params, epochs=epochs, random_state=seed)
+        est.fit(X.iloc[train], y.iloc[train])
+        mae = float(np.mean(np.abs(est.predict(X.iloc[valid]) - y.iloc[valid].to_numpy())))
+        rows.append(
+            {
+                "model": name,
+                "validation MAE": mae,
+                "sigma_zipcode": est.variance_components_.get("zipcode", np.nan),
+                "noise scale": est.noise_scale_,
+                "fit seconds": est.fit_time_,
+            }
+        )
+    return pd.DataFrame(rows).set_index("model")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=30000)
+    parser.add_argument("--zipcodes", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=None, help="default: chosen from the data")
+    args = parser.parse_args(argv)
+    print(
+        f"Housing-style data: {args.rows} rows, {args.zipcodes} zip codes of unequal size, "
+        "3 standardised predictors, a nonlinear signal (true sigma_zipcode 0.30, noise 0.25)."
+    )
+    table = run(args.rows, args.zipcodes, args.epochs)
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 120, "display.max_columns", 10):
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
