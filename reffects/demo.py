@@ -59,7 +59,9 @@ def main(argv=None):
         "3 standardised predictors, a nonlinear signal (true sigma_zipcode 0.30, noise 0.25)."
     )
     table = run(args.rows, args.zipcodes, args.epochs)
-    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 120, "display.max_columns", 10):
+    with pd.option_context(
+        "display.float_format", "{:.4f}".format, "display.width", 120, "display.max_columns", 10
+    ):
         print(table)
 
 

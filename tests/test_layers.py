@@ -101,9 +101,9 @@ def test_hyperprior_kl_is_the_expectation_over_q_sigma():
     offsets = layer.posterior()["offset"]
     loc, scale = offsets.loc.numpy()[:, 0], offsets.scale.numpy()[:, 0]
     per_draw = normal_kl(loc[None], scale[None], 0.0, sigma[:, None]).numpy().sum(1)
-    log_ratio = q_sigma.log_prob(sigma[:, None]).numpy()[:, 0] - tfd.HalfNormal(1.0).log_prob(
-        sigma
-    ).numpy()
+    log_ratio = (
+        q_sigma.log_prob(sigma[:, None]).numpy()[:, 0] - tfd.HalfNormal(1.0).log_prob(sigma).numpy()
+    )
     total = per_draw + log_ratio
     # Analytic vs Monte Carlo: within 5 standard errors of the MC mean.
     bound = 5 * total.std() / np.sqrt(total.size)
@@ -124,7 +124,10 @@ def test_batch_gradient_touches_only_the_batch_groups():
 @pytest.mark.parametrize(
     "ids, message",
     [
-        (np.array([0, 5]), "group id 5 is out of range for RandomIntercept 'zip' with num_groups=5"),
+        (
+            np.array([0, 5]),
+            "group id 5 is out of range for RandomIntercept 'zip' with num_groups=5",
+        ),
         (np.array([-1, 0]), "group id -1 is out of range"),
         (np.array([0.0, 1.5]), "group id 1.5 is not an integer"),
         (np.array(["a", "b"]), "takes integer group ids"),

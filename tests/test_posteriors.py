@@ -23,7 +23,9 @@ def test_inverse_softplus_round_trips():
 
 def test_normal_kl_matches_tfp():
     loc_q, scale_q = np.array([0.3, -1.0]), np.array([0.2, 2.0])
-    expected = tfd.kl_divergence(tfd.Normal(loc_q, scale_q), tfd.Normal(np.float64(0.5), np.float64(1.5))).numpy()
+    expected = tfd.kl_divergence(
+        tfd.Normal(loc_q, scale_q), tfd.Normal(np.float64(0.5), np.float64(1.5))
+    ).numpy()
     np.testing.assert_allclose(normal_kl(loc_q, scale_q, 0.5, 1.5), expected, rtol=1e-6)
 
 

@@ -53,7 +53,9 @@ def test_reported_loss_is_nll_sum_plus_kl_over_n():
     kernel = network.get_layer("fixed").posterior()
     sigma_y = float(model.likelihood.noise_scale())
     mean = (
-        intercept.loc.numpy()[0] + offsets.loc.numpy()[groups, 0] + features @ kernel.loc.numpy()[:, 0]
+        intercept.loc.numpy()[0]
+        + offsets.loc.numpy()[groups, 0]
+        + features @ kernel.loc.numpy()[:, 0]
     )
     nll_sum = np.sum(0.5 * np.log(2 * np.pi * sigma_y**2) + 0.5 * ((y - mean) / sigma_y) ** 2)
     sigma_g = float(network.get_layer("group").group_scale()[0])
