@@ -71,7 +71,7 @@ class GlobalIntercept(keras.layers.Layer):
 
     Example:
         >>> layer = GlobalIntercept(loc_initializer=keras.initializers.Constant(2.0))
-        >>> layer(np.zeros((3, 1))).shape
+        >>> tuple(layer(np.zeros((3, 1))).shape)
         (3, 1)
     """
 
@@ -162,7 +162,7 @@ class FixedEffects(keras.layers.Layer):
 
     Example:
         >>> layer = FixedEffects()
-        >>> layer(np.ones((4, 3), dtype="float32")).shape
+        >>> tuple(layer(np.ones((4, 3), dtype="float32")).shape)
         (4, 1)
     """
 
@@ -270,7 +270,7 @@ class RandomIntercept(keras.layers.Layer):
     Example:
         >>> layer = RandomIntercept(num_groups=3)
         >>> layer.adapt(np.array([0, 0, 1, 2]))
-        >>> layer(np.array([0, 2])).shape
+        >>> tuple(layer(np.array([0, 2])).shape)
         (2, 1)
     """
 
