@@ -2,17 +2,22 @@
 
 from reffects.estimators import RandomEffectsRegressor
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
-from reffects.likelihoods import Gaussian
+from reffects.likelihoods import Bernoulli, Binomial, Gaussian, Poisson
 from reffects.posteriors import Exponential, HalfNormal
-from reffects.training import ELBOModel
+from reffects.training import ELBOModel, predict_interval, sample_predictive
 
 __all__ = [
     "ELBOModel",
     "RandomEffectsRegressor",
+    "Bernoulli",
+    "Binomial",
     "Exponential",
     "FixedEffects",
     "Gaussian",
     "GlobalIntercept",
     "HalfNormal",
+    "Poisson",
     "RandomIntercept",
+    "predict_interval",
+    "sample_predictive",
 ]

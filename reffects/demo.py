@@ -25,17 +25,41 @@ MODELS = {
 }
 
 
-def run(num_rows: int = 30000, num_zipcodes: int = 300, epochs: int | None = None, seed: int = 0):
-    """Fits the three models and returns the results table as a DataFrame."""
+def housing_split(num_rows: int = 30000, num_zipcodes: int = 300, seed: int = 0):
+    """`make_housing` data split 80/20 at random: `(X_train, y_train, X_valid, y_valid)`.
+
+    Example:
+        >>> X_train, y_train, X_valid, y_valid = housing_split(1000, 20)
+        >>> len(X_train), len(X_valid)
+        (800, 200)
+    """
     X, y = make_housing(num_rows, num_zipcodes, seed=seed)
     order = np.random.default_rng(seed).permutation(num_rows)
-    split = int(0.8 * num_rows)
-    train, valid = order[:split], order[split:]
+    train, valid = np.split(order, [int(0.8 * num_rows)])
+    return X.iloc[train], y.iloc[train], X.iloc[valid], y.iloc[valid]
+
+
+def model_columns(X, name: str):
+    """The columns model `name` sees: the zip code only where it is a grouping factor."""
+    return X if MODELS[name]["group_cols"] else X.drop(columns="zipcode")
+
+
+def fit_models(X, y, epochs: int | None = None, seed: int = 0) -> dict:
+    """Fits each model of `MODELS`; returns the fitted estimators by name."""
+    return {
+        name: RandomEffectsRegressor(**params, epochs=epochs, random_state=seed).fit(
+            model_columns(X, name), y
+        )
+        for name, params in MODELS.items()
+    }
+
+
+def results_table(models: dict, X_valid, y_valid) -> pd.DataFrame:
+    """Validation MAE, variance components and fit time of each fitted model."""
     rows = []
-    for name, params in MODELS.items():
-        est = RandomEffectsRegressor(**params, epochs=epochs, random_state=seed)
-        est.fit(X.iloc[train], y.iloc[train])
-        mae = float(np.mean(np.abs(est.predict(X.iloc[valid]) - y.iloc[valid].to_numpy())))
+    for name, est in models.items():
+        prediction = est.predict(model_columns(X_valid, name))
+        mae = float(np.mean(np.abs(prediction - np.asarray(y_valid))))
         rows.append(
             {
                 "model": name,
@@ -46,6 +70,12 @@ def run(num_rows: int = 30000, num_zipcodes: int = 300, epochs: int | None = Non
             }
         )
     return pd.DataFrame(rows).set_index("model")
+
+
+def run(num_rows: int = 30000, num_zipcodes: int = 300, epochs: int | None = None, seed: int = 0):
+    """Fits the three models and returns the results table as a DataFrame."""
+    X_train, y_train, X_valid, y_valid = housing_split(num_rows, num_zipcodes, seed)
+    return results_table(fit_models(X_train, y_train, epochs, seed), X_valid, y_valid)
 
 
 def main(argv=None):

@@ -114,6 +114,17 @@ class GlobalIntercept(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units)
 
+    def sample_posterior(self, inputs, num_samples: int, seed=None):
+        """The output under `num_samples` draws of alpha from q: `(num_samples, batch, units)`.
+
+        All rows of one draw share its alpha. `seed` is an int, a `keras.random.SeedGenerator`
+        or None.
+        """
+        scale = positive(self.intercept_untransformed_scale)
+        noise = keras.random.normal((num_samples, 1, self.units), seed=seed)
+        draws = self.intercept_loc + scale * noise
+        return ops.broadcast_to(draws, (num_samples, ops.shape(inputs)[0], self.units))
+
     def posterior(self):
         """q(alpha) as a `tfd.Normal` of shape `(units,)`."""
         return tfd.Normal(self.intercept_loc, positive(self.intercept_untransformed_scale))
@@ -211,6 +222,17 @@ class FixedEffects(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units)
+
+    def sample_posterior(self, inputs, num_samples: int, seed=None):
+        """x . beta under `num_samples` draws of beta from q: `(num_samples, batch, units)`.
+
+        All rows of one draw share its beta. `seed` is an int, a `keras.random.SeedGenerator`
+        or None.
+        """
+        inputs = ops.cast(inputs, self.compute_dtype)
+        scale = positive(self.kernel_untransformed_scale)
+        noise = keras.random.normal((num_samples, *self.kernel_loc.shape), seed=seed)
+        return ops.einsum("bd,sdu->sbu", inputs, self.kernel_loc + scale * noise)
 
     def posterior(self):
         """q(beta) as a `tfd.Normal` of shape `(num_features, units)`."""
@@ -399,18 +421,22 @@ class RandomIntercept(keras.layers.Layer):
         s = positive(self.log_group_scale_untransformed_scale)
         return ops.exp(self.log_group_scale_loc + 0.5 * ops.square(s))
 
+    def inverse_prior_variance(self):
+        """E[1 / sigma^2]: exp(-2 mu + 2 s^2) under q(sigma) = LogNormal(mu, s)."""
+        if self.scale_prior is None:
+            return 1.0 / ops.square(positive(self.group_scale_untransformed))
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.exp(-2.0 * self.log_group_scale_loc + 2.0 * ops.square(s))
+
     def _offset_kl(self, loc, scale):
         """KL(q(b[g]) || p(b[g] | sigma)), taking its expectation under q(sigma) if any."""
         if self.scale_prior is None:
             return normal_kl(loc, scale, 0.0, positive(self.group_scale_untransformed))
-        mu = self.log_group_scale_loc
-        s = positive(self.log_group_scale_untransformed_scale)
-        # E[log sigma] = mu and E[1 / sigma^2] = exp(-2 mu + 2 s^2) under LogNormal(mu, s).
-        inverse_variance = ops.exp(-2.0 * mu + 2.0 * ops.square(s))
+        # E[log sigma] = mu under LogNormal(mu, s).
         return (
-            mu
+            self.log_group_scale_loc
             - ops.log(scale)
-            + 0.5 * (ops.square(scale) + ops.square(loc)) * inverse_variance
+            + 0.5 * (ops.square(scale) + ops.square(loc)) * self.inverse_prior_variance()
             - 0.5
         )
 
@@ -440,6 +466,37 @@ class RandomIntercept(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units)
+
+    def sample_group_scale(self, num_samples: int, seed=None):
+        """`num_samples` draws of sigma from q(sigma): `(num_samples, units)`.
+
+        Without a hyperprior sigma is a point estimate and every draw equals it.
+        """
+        if self.scale_prior is None:
+            sigma = positive(self.group_scale_untransformed)
+            return ops.broadcast_to(sigma, (num_samples, self.units))
+        s = positive(self.log_group_scale_untransformed_scale)
+        noise = keras.random.normal((num_samples, self.units), seed=seed)
+        return ops.exp(self.log_group_scale_loc + s * noise)
+
+    def sample_posterior(self, inputs, num_samples: int, seed=None):
+        """b[g] under `num_samples` draws from q: `(num_samples, batch, units)`.
+
+        Rows of one group share its offset within a draw. A group with no training rows
+        draws its offset from the prior Normal(0, sigma), with sigma drawn from q(sigma)
+        under a hyperprior. `seed` is an int, a `keras.random.SeedGenerator` or None.
+        """
+        if not isinstance(seed, keras.random.SeedGenerator):
+            seed = keras.random.SeedGenerator(seed)  # two draws below must differ
+        ids = self._checked_ids(inputs)
+        groups, row_group = tf.unique(ids)
+        seen = ops.expand_dims(ops.take(self.group_counts, groups, axis=0) > 0, -1)
+        loc = ops.where(seen, ops.take(self.offset_loc, groups, axis=0), 0.0)
+        posterior_scale = positive(ops.take(self.offset_untransformed_scale, groups, axis=0))
+        sigma = ops.expand_dims(self.sample_group_scale(num_samples, seed), 1)
+        scale = ops.where(seen, posterior_scale, sigma)  # (num_samples, groups, units)
+        noise = keras.random.normal(ops.shape(scale), seed=seed)
+        return ops.take(loc + scale * noise, row_group, axis=1)
 
     def posterior(self):
         """q as TFP distributions: `offset` (num_groups, units) and `group_scale`.

@@ -1,25 +1,106 @@
 """Likelihoods p(y | eta): each maps the linear predictor to the response mean and scores y.
 
 A likelihood is a Keras layer so that parameters it learns (the Gaussian noise scale) are
-trained and saved with the model. `ELBOModel` calls it on the predictor and asks it for the
-negative log-likelihood of each row.
+trained and saved with the model. `ELBOModel` calls it on the predictor eta, which gives the
+response mean (the inverse link of eta), and asks it for the negative log-likelihood of each
+row given that mean.
+
+| family    | link  | y                     | `sample_weight`                           |
+|-----------|-------|-----------------------|-------------------------------------------|
+| Gaussian  | -     | any real              | row weight                                |
+| Bernoulli | logit | 0 or 1                | row weight                                |
+| Binomial  | logit | proportion in [0, 1]  | number of trials n (as R's `glm` does)    |
+| Poisson   | log   | count 0, 1, 2, ...    | row weight                                |
+
+The Binomial NLL is the exact one, log C(n, n y) included, so reported losses are true
+negative log-likelihoods. Probabilities are clipped to [1e-7, 1 - 1e-7] before their log is
+taken (as Keras's cross-entropy on probabilities does); rates to at least 1e-30.
 """
 
 import math
 
 import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
 from keras import ops
 
 from reffects.posteriors import inverse_softplus, positive
 
+tfd = tfp.distributions
+
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+PROBABILITY_EPSILON = 1e-7
+"""Probabilities are clipped to [PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON] in the NLL."""
+_RATE_FLOOR = 1e-30
+_WHOLE_NUMBER_TOLERANCE = 1e-6
+
+
+def _as_float_array(name, values):
+    array = np.asarray(values)
+    try:
+        array = array.astype("float64")
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be numeric. Received dtype {array.dtype}") from None
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise ValueError(f"{name} contains NaN or infinity (first at row {_first_row(bad, array)})")
+    return array
+
+
+def _first_row(mask, array):
+    return int(np.argwhere(mask.reshape(len(array), -1))[0, 0])
+
+
+def _first_bad(name, values, mask, expected):
+    """Raises the error for the first entry of `values` where `mask` holds."""
+    row = _first_row(mask, values)
+    value = values.reshape(len(values), -1)[mask.reshape(len(values), -1)][0]
+    raise ValueError(f"{name} must be {expected}; got {name}={value:g} at row {row}")
+
+
+def _is_whole(values):
+    return np.abs(values - np.round(values)) <= _WHOLE_NUMBER_TOLERANCE * np.maximum(1.0, values)
+
+
+def _weighted(nll, sample_weight):
+    if sample_weight is None:
+        return nll
+    return nll * ops.expand_dims(ops.cast(sample_weight, nll.dtype), -1)
 
 
 class Likelihood(keras.layers.Layer):
-    """Base class: `call(eta)` returns the response mean, `nll(y, mean)` one value per row."""
+    """Base class of the likelihoods.
 
-    def nll(self, y, mean):
+    `call(eta)` returns the response mean; `nll(y, mean, sample_weight)` the negative
+    log-likelihood of each row (times its weight); `sample(mean, ...)` draws y; `link(mean)`
+    maps a mean back to eta; `check_targets(y, sample_weight)` rejects y outside the
+    family's support with a `ValueError` naming the value and the row.
+    """
+
+    def link(self, mean):
         raise NotImplementedError
+
+    def nll(self, y, mean, sample_weight=None):
+        raise NotImplementedError
+
+    def sample(self, mean, trials=None, seed=None):
+        raise NotImplementedError
+
+    def variance(self, mean, trials=None):
+        """Var(y | mean): the variance of one response given its mean."""
+        raise NotImplementedError
+
+    def check_targets(self, y, sample_weight=None):
+        """Checks y (and the weights) eagerly; returns y as a float64 array."""
+        y = _as_float_array("y", y)
+        if sample_weight is not None:
+            weight = _as_float_array("sample_weight", sample_weight)
+            if weight.shape[0] != y.shape[0]:
+                raise ValueError(f"sample_weight has {weight.shape[0]} rows but y has {y.shape[0]}")
+            if (weight < 0).any():
+                _first_bad("sample_weight", weight, weight < 0, "non-negative")
+        return y
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -60,9 +141,20 @@ class Gaussian(Likelihood):
     def call(self, eta):
         return eta
 
-    def nll(self, y, mean):
+    def link(self, mean):
+        return mean
+
+    def nll(self, y, mean, sample_weight=None):
         sigma = self.noise_scale()
-        return _HALF_LOG_TWO_PI + ops.log(sigma) + 0.5 * ops.square((y - mean) / sigma)
+        nll = _HALF_LOG_TWO_PI + ops.log(sigma) + 0.5 * ops.square((y - mean) / sigma)
+        return _weighted(nll, sample_weight)
+
+    def sample(self, mean, trials=None, seed=None):
+        noise = keras.random.normal(ops.shape(mean), seed=seed, dtype=mean.dtype)
+        return mean + self.noise_scale() * noise
+
+    def variance(self, mean, trials=None):
+        return ops.square(self.noise_scale()) * ops.ones_like(mean)
 
     def get_config(self):
         config = super().get_config()
@@ -70,16 +162,193 @@ class Gaussian(Likelihood):
         return config
 
 
+def _clipped_probability(mean):
+    return ops.clip(mean, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
+
+
+def _stateless(seed):
+    """A TFP stateless seed from an int or None."""
+    if seed is None:
+        seed = np.random.default_rng().integers(2**31 - 1)
+    return tf.constant([int(seed) % (2**31 - 1), 0], dtype="int32")
+
+
+class _LogitLink(Likelihood):
+    """Shared by the families of a probability p = sigmoid(eta)."""
+
+    def call(self, eta):
+        return ops.sigmoid(eta)
+
+    def link(self, mean):
+        p = _clipped_probability(ops.convert_to_tensor(mean))
+        return ops.log(p) - ops.log1p(-p)
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class Bernoulli(_LogitLink):
+    """y ~ Bernoulli(p), logit(p) = eta; y is 0 or 1.
+
+    `call(eta)` returns p = sigmoid(eta). A row with weight w counts w times.
+
+    Example:
+        >>> likelihood = Bernoulli()
+        >>> float(likelihood(np.array([[0.0]], dtype="float32"))[0, 0])
+        0.5
+    """
+
+    def nll(self, y, mean, sample_weight=None):
+        p = _clipped_probability(mean)
+        nll = -(tf.math.xlogy(y, p) + tf.math.xlogy(1.0 - y, 1.0 - p))
+        return _weighted(nll, sample_weight)
+
+    def sample(self, mean, trials=None, seed=None):
+        return tfd.Bernoulli(probs=mean, dtype=mean.dtype).sample(seed=_stateless(seed))
+
+    def variance(self, mean, trials=None):
+        return mean * (1.0 - mean)
+
+    def check_targets(self, y, sample_weight=None):
+        y = super().check_targets(y, sample_weight)
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            _first_bad("y", y, bad, "0 or 1 for the Bernoulli likelihood")
+        return y
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class Binomial(_LogitLink):
+    """n y ~ Binomial(n, p), logit(p) = eta; y is the proportion of n trials.
+
+    As in R's `glm(family=binomial)`, y is the proportion of successes and the trials n come
+    as the sample weight (1 when none is given). The NLL of a row is the exact binomial one,
+    -log C(n, n y) - n y log p - n (1 - y) log(1 - p). `call(eta)` returns p = sigmoid(eta),
+    and `sample` returns proportions.
+
+    Example:
+        >>> likelihood = Binomial()
+        >>> y, trials = np.array([[0.3]]), np.array([10.0])
+        >>> nll = likelihood.nll(y, np.array([[0.3]]), trials)
+        >>> round(float(nll[0, 0]), 4)  # -log Binomial(3 | 10, 0.3)
+        1.3212
+    """
+
+    def nll(self, y, mean, sample_weight=None):
+        mean = ops.convert_to_tensor(mean)
+        y = ops.cast(y, mean.dtype)
+        p = _clipped_probability(mean)
+        if sample_weight is None:
+            trials = ops.ones_like(y)
+        else:
+            trials = ops.expand_dims(ops.cast(sample_weight, mean.dtype), -1)
+        successes = trials * y
+        failures = trials - successes
+        log_choose = (
+            tf.math.lgamma(trials + 1.0)
+            - tf.math.lgamma(successes + 1.0)
+            - tf.math.lgamma(failures + 1.0)
+        )
+        return -(log_choose + tf.math.xlogy(successes, p) + tf.math.xlogy(failures, 1.0 - p))
+
+    def sample(self, mean, trials=None, seed=None):
+        trials = ops.ones_like(mean) if trials is None else ops.cast(trials, mean.dtype)
+        counts = tfd.Binomial(total_count=trials, probs=mean).sample(seed=_stateless(seed))
+        return counts / trials
+
+    def variance(self, mean, trials=None):
+        trials = 1.0 if trials is None else trials
+        return mean * (1.0 - mean) / trials
+
+    def check_targets(self, y, sample_weight=None):
+        y = super().check_targets(y, sample_weight)
+        bad = (y < 0) | (y > 1)
+        if bad.any():
+            _first_bad("y", y, bad, "a proportion in [0, 1] for the Binomial likelihood")
+        if sample_weight is None:
+            trials = np.ones(len(y))
+        else:
+            trials = np.asarray(sample_weight, dtype="float64").reshape(len(y))
+            bad = (trials < 1) | ~_is_whole(trials)
+            if bad.any():
+                _first_bad(
+                    "trials (sample_weight)",
+                    trials,
+                    bad,
+                    "a whole number >= 1 for the Binomial likelihood",
+                )
+        successes = y * trials.reshape((-1,) + (1,) * (y.ndim - 1))
+        bad = ~_is_whole(successes)
+        if bad.any():
+            _first_bad(
+                "y * trials",
+                successes,
+                bad,
+                "a whole number of successes for the Binomial likelihood (y is the "
+                "proportion of successes, sample_weight the number of trials)",
+            )
+        return y
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class Poisson(Likelihood):
+    """y ~ Poisson(rate), log(rate) = eta; y is a count 0, 1, 2, ...
+
+    `call(eta)` returns the rate exp(eta). A row with weight w counts w times.
+
+    Example:
+        >>> likelihood = Poisson()
+        >>> float(likelihood(np.array([[0.0]], dtype="float32"))[0, 0])
+        1.0
+    """
+
+    def call(self, eta):
+        return ops.exp(eta)
+
+    def link(self, mean):
+        return ops.log(ops.maximum(ops.convert_to_tensor(mean), _RATE_FLOOR))
+
+    def nll(self, y, mean, sample_weight=None):
+        rate = ops.maximum(mean, _RATE_FLOOR)
+        nll = rate - tf.math.xlogy(y, rate) + tf.math.lgamma(y + 1.0)
+        return _weighted(nll, sample_weight)
+
+    def sample(self, mean, trials=None, seed=None):
+        return tfd.Poisson(rate=mean).sample(seed=_stateless(seed))
+
+    def variance(self, mean, trials=None):
+        return mean
+
+    def check_targets(self, y, sample_weight=None):
+        y = super().check_targets(y, sample_weight)
+        bad = (y < 0) | ~_is_whole(y)
+        if bad.any():
+            _first_bad("y", y, bad, "a count (0, 1, 2, ...) for the Poisson likelihood")
+        return y
+
+
+LIKELIHOODS = {
+    "gaussian": Gaussian,
+    "bernoulli": Bernoulli,
+    "binomial": Binomial,
+    "poisson": Poisson,
+}
+
+
 def get_likelihood(identifier) -> Likelihood:
-    """Turns a name ("gaussian") or a `Likelihood` into a `Likelihood` layer."""
+    """Turns a name, a config or a `Likelihood` into a `Likelihood` layer.
+
+    Names: "gaussian", "bernoulli", "binomial", "poisson".
+
+    Example:
+        >>> type(get_likelihood("poisson")).__name__
+        'Poisson'
+    """
     if isinstance(identifier, Likelihood):
         return identifier
-    named = {"gaussian": Gaussian}
-    if isinstance(identifier, str) and identifier in named:
-        return named[identifier]()
+    if isinstance(identifier, str) and identifier in LIKELIHOODS:
+        return LIKELIHOODS[identifier]()
     if isinstance(identifier, dict):
         return keras.saving.deserialize_keras_object(identifier)
     raise ValueError(
-        f"`likelihood` must be one of {sorted(named)} or a Likelihood. "
+        f"`likelihood` must be one of {sorted(LIKELIHOODS)} or a Likelihood. "
         f"Received: likelihood={identifier!r}"
     )

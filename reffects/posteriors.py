@@ -23,10 +23,14 @@ SCALE_FLOOR = 1e-5
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def inverse_softplus(value: float) -> float:
-    """The untransformed value whose `softplus(.) + SCALE_FLOOR` equals `value`."""
-    shifted = max(float(value) - SCALE_FLOOR, 1e-12)
-    return shifted + math.log(-math.expm1(-shifted))
+def inverse_softplus(value):
+    """The untransformed value whose `softplus(.) + SCALE_FLOOR` equals `value`.
+
+    Takes a float (returns a float) or an array (returns an array).
+    """
+    shifted = np.maximum(np.asarray(value, dtype="float64") - SCALE_FLOOR, 1e-12)
+    raw = shifted + np.log(-np.expm1(-shifted))
+    return float(raw) if raw.ndim == 0 else raw
 
 
 def positive(untransformed):

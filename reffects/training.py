@@ -1,12 +1,17 @@
 """ELBO assembly: a Keras model whose loss is the negative ELBO per training example.
 
-    loss = mean_i NLL(y_i | eta_i)  +  KL(q || p) / N  (+ any other regularisation losses)
+    loss = mean_i w_i NLL(y_i | eta_i)  +  KL(q || p) / N  (+ any other regularisation losses)
 
 The network computes the predictor eta from the layers in `reffects.layers` and any
 deterministic Keras subnetwork; the likelihood maps eta to the response mean and scores y.
-Each variational layer adds an unbiased estimate of its total KL through `add_loss`; this
-model divides their sum by N, the number of training examples, so a minibatch gradient is an
-unbiased estimate of the full-data one and the optimum does not depend on the batch size.
+The sample weight w_i multiplies row i's NLL; for a Binomial likelihood it is the row's
+number of trials instead (y is then the proportion of successes, as in R's `glm`). Each
+variational layer adds an unbiased estimate of its total KL through `add_loss`; this model
+divides their sum by N, the number of training rows, so a minibatch gradient is an unbiased
+estimate of the full-data one and the optimum does not depend on the batch size.
+
+Posterior predictive draws come from `sample_predictive` and `predict_interval`, which run a
+copy of the network whose variational layers draw from q; `predict` stays deterministic.
 """
 
 import math
@@ -35,13 +40,17 @@ class ELBOModel(keras.Model):
     `tf.data.Dataset` or other stream, state N with `num_examples` and call
     `RandomIntercept.adapt` on the training ids first; a missing N is an error.
 
-    `predict` (and `training=False`) uses posterior means and is deterministic; `evaluate`
+    `predict` (and `training=False`) returns the response mean (a probability for Bernoulli
+    and Binomial, a rate for Poisson) at the posterior means and is deterministic; `evaluate`
     reports the NLL at the posterior means plus KL / N. The metrics `nll` and `kl` show the
-    two parts of the loss.
+    two parts of the loss. In-memory y (and sample weights, which are the trials of a
+    Binomial likelihood) outside the likelihood's support are a `ValueError` in `fit` and
+    `evaluate`; streamed data is not checked.
 
     Args:
         network: a Keras model mapping the inputs to the predictor eta.
-        likelihood: "gaussian" or a `reffects.likelihoods.Likelihood` layer.
+        likelihood: "gaussian", "bernoulli", "binomial", "poisson" or a
+            `reffects.likelihoods.Likelihood` layer.
         num_examples: the number of training examples N; needed only for streams.
 
     Example:
@@ -93,10 +102,9 @@ class ELBOModel(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         y = ops.reshape(ops.cast(y, y_pred.dtype), ops.shape(y_pred))
-        row_nll = ops.sum(self.likelihood.nll(y, y_pred), axis=-1)
         if sample_weight is not None:
-            row_nll = row_nll * ops.reshape(ops.cast(sample_weight, row_nll.dtype), (-1,))
-        nll = ops.mean(row_nll)
+            sample_weight = ops.reshape(ops.cast(sample_weight, y_pred.dtype), (-1,))
+        nll = ops.mean(ops.sum(self.likelihood.nll(y, y_pred, sample_weight), axis=-1))
         kl_terms = [loss for layer in self.variational_layers() for loss in layer.losses]
         kl_ids = {id(loss) for loss in kl_terms}
         kl = (
@@ -111,7 +119,7 @@ class ELBOModel(keras.Model):
         return total
 
     def fit(self, x=None, y=None, **kwargs):
-        """`keras.Model.fit`, after recording N and the training group counts."""
+        """`keras.Model.fit`, after checking y and recording N and the group counts."""
         train_x, size = self._training_part(
             x, kwargs.get("validation_split", 0.0), kwargs.get("validation_data")
         )
@@ -123,19 +131,26 @@ class ELBOModel(keras.Model):
                 f"{type(x).__name__}; pass num_examples=N when you create the model "
                 "(the KL term is divided by N)."
             )
+        self._check_targets(y, kwargs.get("sample_weight"))
         self.training_size.assign(float(size))
         self._adapt_group_layers(train_x)
         return super().fit(x, y, **kwargs)
 
     def evaluate(self, x=None, y=None, **kwargs):
-        """`keras.Model.evaluate`, after checking in-memory group ids eagerly."""
+        """`keras.Model.evaluate`, after checking in-memory group ids and y eagerly."""
         self._check_group_ids(x)
+        self._check_targets(y, kwargs.get("sample_weight"))
         return super().evaluate(x, y, **kwargs)
 
     def predict(self, x, **kwargs):
         """`keras.Model.predict`, after checking in-memory group ids eagerly."""
         self._check_group_ids(x)
         return super().predict(x, **kwargs)
+
+    def _check_targets(self, y, sample_weight):
+        """Rejects in-memory y (and weights, or trials) outside the likelihood's support."""
+        if y is not None and not _is_stream(y):
+            self.likelihood.check_targets(np.asarray(y), sample_weight)
 
     def _check_group_ids(self, x):
         if x is not None and not _is_stream(x):
@@ -208,3 +223,171 @@ class ELBOModel(keras.Model):
             config["likelihood"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+_ROWS_PER_PASS = 2**18
+"""Posterior predictive draws run on at most this many rows (draws x rows) at a time."""
+
+
+class _PosteriorDraws(keras.layers.Layer):
+    """Runs a variational layer's `sample_posterior` on inputs tiled `num_samples` times.
+
+    The input holds `num_samples` copies of the same rows, draw-major; the output holds, for
+    each copy, the layer's output under one draw from q.
+    """
+
+    def __init__(self, layer, num_samples, seed, **kwargs):
+        super().__init__(name=f"{layer.name}_draws", **kwargs)
+        self.layer = layer
+        self.num_samples = num_samples
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs):
+        rows = ops.shape(inputs)[0] // self.num_samples
+        draws = self.layer.sample_posterior(inputs[:rows], self.num_samples, self.seed_generator)
+        return ops.reshape(draws, (-1, self.layer.units))
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+
+def _draw_network(network, num_samples, rng):
+    """The network with every variational layer replaced by draws from its q (weights shared)."""
+    if not isinstance(network, keras.Model) or not hasattr(network, "inputs"):
+        raise ValueError(
+            "Posterior predictive sampling needs a functional (or Sequential) Keras network "
+            f"inside the ELBOModel. Received: {type(network).__name__}"
+        )
+    stochastic = set()
+
+    def call_function(layer, *args, **kwargs):
+        tensors = keras.tree.flatten((args, kwargs))
+        random_input = any(id(t) in stochastic for t in tensors)
+        if isinstance(layer, VARIATIONAL_LAYERS):
+            if random_input:
+                raise ValueError(
+                    f"Layer '{layer.name}' takes the output of another variational layer; "
+                    "posterior predictive sampling supports variational layers fed by the "
+                    "inputs or by deterministic layers only."
+                )
+            outputs = _PosteriorDraws(layer, num_samples, int(rng.integers(2**31 - 1)))(*args)
+        else:
+            outputs = layer(*args, **kwargs)
+        if random_input or isinstance(layer, VARIATIONAL_LAYERS):
+            stochastic.update(id(t) for t in keras.tree.flatten(outputs))
+        return outputs
+
+    return keras.models.clone_model(
+        network, clone_function=lambda layer: layer, call_function=call_function, recursive=True
+    )
+
+
+def sample_predictive(
+    model: ELBOModel, x, num_samples: int = 1000, *, trials=None, seed: int | None = None
+) -> dict:
+    """Draws from the posterior predictive distribution of a fitted `ELBOModel`.
+
+    Each draw takes one value of every variational parameter from q (a group with no
+    training rows takes its offset from the prior Normal(0, sigma_k)), maps the inputs to eta
+    through the network, eta to the response mean through the likelihood, and draws y from
+    the likelihood given that mean. Rows of one draw share its parameters, so the draws are
+    joint across rows. Layers are untouched: `predict` stays deterministic.
+
+    Args:
+        model: an `ELBOModel` whose network is a functional (or Sequential) Keras model.
+        x: in-memory inputs, as for `model.predict`.
+        num_samples: number of draws.
+        trials: for a Binomial likelihood, the number of trials of each row (default 1);
+            y draws are then proportions of it.
+        seed: makes the draws reproducible.
+
+    Returns:
+        A dict of numpy arrays of shape `(num_samples, batch, units)`: `"mean"`, the
+        response mean (probability, rate) under each draw, and `"y"`, the drawn responses.
+
+    Example:
+        >>> ids = keras.Input(shape=(), dtype="int32")
+        >>> eta = keras.layers.Add()([GlobalIntercept()(ids), RandomIntercept(5)(ids)])
+        >>> model = ELBOModel(keras.Model(ids, eta), likelihood="poisson")
+        >>> model.compile(optimizer="adam")
+        >>> _ = model.fit(np.arange(10) % 4, np.ones(10), epochs=1, verbose=0)
+        >>> draws = sample_predictive(model, np.array([0, 4]), num_samples=100, seed=0)
+        >>> draws["y"].shape
+        (100, 2, 1)
+    """
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, (int, np.integer))
+        or (num_samples < 1)
+    ):
+        raise ValueError(
+            f"`num_samples` must be a positive integer. Received: num_samples={num_samples!r}"
+        )
+    if _is_stream(x):
+        raise ValueError("sample_predictive takes in-memory inputs, not a stream")
+    model._check_group_ids(x)
+    num_rows = len(keras.tree.flatten(x)[0])
+    if trials is not None:
+        trials = np.asarray(trials, dtype="float32").reshape(num_rows, 1)
+    per_pass = int(min(num_samples, max(1, _ROWS_PER_PASS // max(num_rows, 1))))
+    rng = np.random.default_rng(seed)
+    network = _draw_network(model.network, per_pass, rng)
+    means, draws = [], []
+    for _ in range(-(-num_samples // per_pass)):
+        tiled = keras.tree.map_structure(
+            lambda leaf: np.concatenate([np.asarray(leaf)] * per_pass), x
+        )
+        eta = network(tiled, training=False)
+        mean = model.likelihood(ops.reshape(eta, (per_pass, num_rows, -1)))
+        y = model.likelihood.sample(mean, trials=trials, seed=int(rng.integers(2**31 - 1)))
+        means.append(ops.convert_to_numpy(mean))
+        draws.append(ops.convert_to_numpy(y))
+    return {
+        "mean": np.concatenate(means)[:num_samples],
+        "y": np.concatenate(draws)[:num_samples],
+    }
+
+
+def predict_interval(
+    model: ELBOModel,
+    x,
+    level: float = 0.9,
+    num_samples: int = 1000,
+    *,
+    trials=None,
+    seed: int | None = None,
+):
+    """Central posterior predictive intervals of y, from `sample_predictive`.
+
+    The bounds are empirical quantiles of the y draws (the inverted empirical CDF, so for a
+    count or a proportion they are values y can take and the interval holds at least `level`
+    of the predictive mass).
+
+    Args:
+        model: a fitted `ELBOModel`.
+        x: in-memory inputs, as for `model.predict`.
+        level: probability the interval holds, in (0, 1).
+        num_samples: number of posterior predictive draws.
+        trials: for a Binomial likelihood, the trials of each row (default 1).
+        seed: makes the intervals reproducible.
+
+    Returns:
+        `(lower, upper)`, numpy arrays of shape `(batch, units)`.
+
+    Example:
+        >>> ids = keras.Input(shape=(), dtype="int32")
+        >>> eta = keras.layers.Add()([GlobalIntercept()(ids), RandomIntercept(5)(ids)])
+        >>> model = ELBOModel(keras.Model(ids, eta), likelihood="gaussian")
+        >>> model.compile(optimizer="adam")
+        >>> _ = model.fit(np.arange(10) % 4, np.zeros(10), epochs=1, verbose=0)
+        >>> lower, upper = predict_interval(model, np.array([0, 4]), level=0.9, seed=0)
+        >>> bool(np.all(lower < upper))
+        True
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must be in (0, 1). Received: level={level}")
+    y = sample_predictive(model, x, num_samples, trials=trials, seed=seed)["y"]
+    tail = (1.0 - level) / 2.0
+    lower = np.quantile(y, tail, axis=0, method="inverted_cdf")
+    upper = np.quantile(y, 1.0 - tail, axis=0, method="inverted_cdf")
+    return lower, upper

@@ -197,7 +197,7 @@ def test_shape_and_column_errors(data):
     _bad(X, y[:-1], "X has 50 rows but y has 49")
     _bad(X.drop(columns="group_0"), y, "group column 'group_0' is not in X")
     _bad(X.assign(x2="high"), y, "feature column 'x2' is not numeric")
-    _bad(X, y, "`family` must be 'gaussian'", family="poisson")
+    _bad(X, y, "`family` must be one of 'gaussian', 'binomial', 'poisson'", family="gamma")
     _bad(X, y, "`epochs` must be a positive integer", epochs=0)
     with pytest.raises(ValueError, match="`group_cols` must name the grouping columns"):
         RandomEffectsRegressor().fit(X, y)

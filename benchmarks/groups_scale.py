@@ -1,0 +1,64 @@
+"""Epoch time at the same number of rows with 1,000 vs 1,000,000 groups.
+
+    python benchmarks/groups_scale.py [--rows 400000] [--groups 1000 1000000] [--repeats 3]
+
+Per-step work must not grow with the number of groups: a batch gathers, samples, charges KL
+to and (through IndexedSlices) differentiates only its own groups. Keras's Adam still
+densifies the update, so some cost per group remains; this measures how much.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from problems import epoch_seconds, grouped_regression, reffects_model  # noqa: E402
+from results import append, markdown  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400_000)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1_000, 1_000_000])
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-append", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    data = {g: grouped_regression(args.rows, g) for g in args.groups}
+    times = {g: [] for g in args.groups}
+    weight_bytes = {}
+    for _ in range(args.repeats):
+        for g in args.groups:
+            features, groups, y = data[g]
+            model = reffects_model(features.shape[1], g)
+            times[g].append(epoch_seconds(model, features, groups, y, args.batch_size, args.epochs))
+            weight_bytes[g] = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+    base = np.median(times[args.groups[0]])
+    table = pd.DataFrame(
+        [
+            {
+                "groups": f"{g:,}",
+                "s/epoch": np.median(times[g]),
+                "ratio to first": np.median(times[g]) / base,
+                "model weights MB": weight_bytes[g] / 1e6,
+            }
+            for g in args.groups
+        ]
+    )
+    print(table.to_string(index=False, float_format="{:.3f}".format))
+    if not args.no_append:
+        append(
+            f"Groups scale ({args.rows:,} rows, batch {args.batch_size})",
+            markdown(table, "{:.3f}"),
+            f"Median over {args.repeats} alternating runs of the median epoch time "
+            f"(epochs 2-{args.epochs}). Goal: ratio <= 1.5; weights grow linearly in groups.",
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The problem generator and the two Keras models every speed benchmark compares."""
+
+import time
+
+import keras
+import numpy as np
+
+from reffects import ELBOModel, FixedEffects, GlobalIntercept, RandomIntercept
+
+
+def grouped_regression(num_rows, num_groups, num_features=10, seed=0):
+    """Features, integer group ids (skewed sizes) and y from a linear mixed model."""
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, 1.0, num_groups)
+    groups = rng.choice(num_groups, size=num_rows, p=weights / weights.sum())
+    features = rng.normal(size=(num_rows, num_features)).astype("float32")
+    offsets = rng.normal(0.0, 0.7, num_groups)
+    coef = rng.normal(0.0, 0.5, num_features)
+    y = 1.0 + offsets[groups] + features @ coef + rng.normal(0.0, 1.0, num_rows)
+    return features, groups.astype("int64"), y.astype("float32")
+
+
+def _inputs(num_features):
+    return (
+        keras.Input(shape=(num_features,), name="x"),
+        keras.Input(shape=(), dtype="int64", name="g"),
+    )
+
+
+def plain_keras_model(num_features, num_groups):
+    """What a Keras user writes today: an Embedding for the groups plus a Dense layer."""
+    x, g = _inputs(num_features)
+    offset = keras.layers.Flatten()(keras.layers.Embedding(num_groups, 1)(g))
+    model = keras.Model([x, g], keras.layers.Add()([keras.layers.Dense(1)(x), offset]))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def reffects_model(num_features, num_groups):
+    """The same structure with variational layers, trained on the ELBO."""
+    x, g = _inputs(num_features)
+    eta = keras.layers.Add()(
+        [GlobalIntercept()(x), RandomIntercept(num_groups)(g), FixedEffects()(x)]
+    )
+    model = ELBOModel(keras.Model([x, g], eta), likelihood="gaussian")
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    return model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of each epoch."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def epoch_seconds(model, features, groups, y, batch_size, epochs):
+    """Median epoch time, leaving out the first epoch (tracing)."""
+    timer = EpochTimer()
+    model.fit(
+        [features, groups], y, batch_size=batch_size, epochs=epochs, callbacks=[timer], verbose=0
+    )
+    return float(np.median(timer.seconds[1:]))

@@ -1,0 +1,697 @@
+"""Reading a fitted model: fixed effects, variance components, group effects and a summary.
+
+Every function takes either a Keras model built from the layers of `reffects.layers` (an
+`ELBOModel`, or any Keras model that contains them) or a fitted `RandomEffectsRegressor`.
+An estimator's numbers are on the data's scale (it standardises features and y internally
+and maps its posteriors back with the same affine map it uses for `coef_`); a Keras model's
+are on the scale it was trained on.
+
+Intervals are central intervals of the variational posteriors: Normal for the intercept, the
+fixed effects and the group offsets (mean-field, so the intercept's sd ignores its correlation
+with the offsets and comes out too small), LogNormal for a grouping factor's scale when it has
+a hyperprior. A scale learned as a point estimate has no interval.
+
+For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
+`variance_components` is `VarCorr()`. For the ArviZ user: `to_inference_data`.
+"""
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import keras
+import numpy as np
+import pandas as pd
+
+from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
+from reffects.posteriors import normal_summary
+from reffects.training import ELBOModel
+
+INTERCEPT = "(Intercept)"
+"""Row label of the global intercept, as in lme4 and statsmodels."""
+
+RESIDUAL = "Residual"
+"""Row label of the noise scale in `variance_components`."""
+
+
+def _walk_layers(layer):
+    """Every layer nested in `layer` (models inside models included), each once."""
+    seen = set()
+    stack = list(getattr(layer, "layers", []))[::-1]
+    while stack:
+        child = stack.pop()
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        yield child
+        stack.extend(list(getattr(child, "layers", []))[::-1])
+
+
+def _is_estimator(obj) -> bool:
+    return hasattr(obj, "get_params") and hasattr(obj, "fit")
+
+
+def _estimator_feature_names(estimator) -> list:
+    """Names of the fixed-effect columns: every column of X that is not a group column."""
+    groups = set(estimator.random_effects_)
+    names = getattr(estimator, "feature_names_in_", None)
+    if names is None:
+        names = [f"x{j}" for j in range(estimator.n_features_in_)]
+    return [str(name) for j, name in enumerate(names) if name not in groups and j not in groups]
+
+
+class _Fit:
+    """A fitted model seen through its variational layers, plus the map to the data's scale.
+
+    `[intercept, *coef]` on the reported scale is `shift + matrix @ [alpha, *beta]`; group
+    offsets, scales and the noise scale are `response_scale` times the layers'.
+    """
+
+    def __init__(self, obj):
+        self.estimator = obj if _is_estimator(obj) else None
+        if self.estimator is not None:
+            if not hasattr(obj, "model_"):
+                raise ValueError(
+                    f"This {type(obj).__name__} is not fitted yet; call `fit` before reading it."
+                )
+            model = obj.model_
+        else:
+            model = obj
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                "Expected a Keras model built from reffects layers or a fitted "
+                f"RandomEffectsRegressor. Received: {type(obj).__name__}"
+            )
+        self.model = model
+        layers = list(_walk_layers(model))
+        for layer in layers:
+            if isinstance(layer, (GlobalIntercept, FixedEffects, RandomIntercept)):
+                if layer.units != 1:
+                    raise ValueError(
+                        f"reffects.inspection reads layers with units=1; layer '{layer.name}' "
+                        f"has units={layer.units}. Use its `posterior_summary()` instead."
+                    )
+                if not layer.built:
+                    raise ValueError(f"Layer '{layer.name}' is not built; call the model first.")
+        self.intercept = self._at_most_one(layers, GlobalIntercept)
+        self.fixed = self._at_most_one(layers, FixedEffects)
+        self.likelihood = getattr(model, "likelihood", None)
+        if self.estimator is not None:
+            network = model.network
+            keys = list(obj.random_effects_)
+            self.factors = {
+                key: network.get_layer(f"random_intercept_{k}") for k, key in enumerate(keys)
+            }
+            self.levels = {key: obj.random_effects_[key].index for key in keys}
+            self.shift, self.matrix, self.response_scale = obj._data_scale()
+            self.term_names = [INTERCEPT, *_estimator_feature_names(obj)]
+        else:
+            factors = [layer for layer in layers if isinstance(layer, RandomIntercept)]
+            self.factors = {layer.name: layer for layer in factors}
+            self.levels = {
+                layer.name: pd.RangeIndex(layer.num_groups, name="group") for layer in factors
+            }
+            self.term_names = [INTERCEPT] if self.intercept is not None else []
+            if self.fixed is not None:
+                num_features = self.fixed.kernel_loc.shape[0]
+                self.term_names += [f"x{j}" for j in range(num_features)]
+            self.shift = np.zeros(len(self.term_names))
+            self.matrix = np.eye(len(self.term_names))
+            self.response_scale = 1.0
+
+    @staticmethod
+    def _at_most_one(layers, kind):
+        found = [layer for layer in layers if isinstance(layer, kind)]
+        if len(found) > 1:
+            raise ValueError(
+                f"reffects.inspection reads models with at most one {kind.__name__} layer; "
+                f"found {[layer.name for layer in found]}"
+            )
+        return found[0] if found else None
+
+    def factor(self, factor):
+        """The key of `factor` (None: the only one) among this fit's grouping factors."""
+        if factor is None:
+            if len(self.factors) != 1:
+                raise ValueError(
+                    f"`factor` must name one of the grouping factors {list(self.factors)}. "
+                    "Received: factor=None"
+                )
+            return next(iter(self.factors))
+        if factor not in self.factors:
+            raise ValueError(
+                f"`factor` must be one of the grouping factors {list(self.factors)}. "
+                f"Received: factor={factor!r}"
+            )
+        return factor
+
+    def linear_posterior(self):
+        """Posterior mean and sd of [alpha, *beta] on the layers' scale."""
+        locs, scales = [], []
+        if self.intercept is not None:
+            posterior = self.intercept.posterior()
+            locs.append(keras.ops.convert_to_numpy(posterior.loc))
+            scales.append(keras.ops.convert_to_numpy(posterior.scale))
+        if self.fixed is not None:
+            posterior = self.fixed.posterior()
+            locs.append(keras.ops.convert_to_numpy(posterior.loc)[:, 0])
+            scales.append(keras.ops.convert_to_numpy(posterior.scale)[:, 0])
+        if not locs:
+            return np.zeros(0), np.zeros(0)
+        return (
+            np.concatenate(locs).astype("float64"),
+            np.concatenate(scales).astype("float64"),
+        )
+
+    def intercept_mean(self) -> float:
+        """Posterior mean of the global intercept on the reported scale (0 without one)."""
+        if self.intercept is None:
+            return 0.0
+        loc, _ = self.linear_posterior()
+        return float(self.shift[0] + self.matrix[0] @ loc)
+
+    def noise_scale(self):
+        """The Gaussian noise scale on the reported scale, or None for other likelihoods."""
+        if self.estimator is not None:
+            return getattr(self.estimator, "noise_scale_", None)
+        if self.likelihood is None or not hasattr(self.likelihood, "noise_scale"):
+            return None
+        return float(keras.ops.convert_to_numpy(self.likelihood.noise_scale()))
+
+    def predict(self, X) -> np.ndarray:
+        if self.estimator is not None:
+            return np.asarray(self.estimator.predict(X), dtype="float64")
+        return np.asarray(self.model.predict(X, verbose=0), dtype="float64").reshape(-1)
+
+    def group_codes(self, key, X) -> np.ndarray:
+        """Each row's index into `self.levels[key]`, -1 for a level not seen in training."""
+        if self.estimator is not None:
+            labels = X[key] if isinstance(X, pd.DataFrame) else np.asarray(X)[:, key]
+            return self.levels[key].get_indexer(np.asarray(labels, dtype=object))
+        if not isinstance(self.model, ELBOModel):
+            raise ValueError(
+                "Group statistics of a Keras model need the ELBOModel that was trained "
+                f"(to find which input feeds each RandomIntercept). Received: {type(self.model)}"
+            )
+        for layer, ids in self.model._group_ids_by_layer(X):
+            if layer is self.factors[key]:
+                if ids is None:
+                    raise ValueError(
+                        f"The ids of RandomIntercept '{key}' are not an input of the network, "
+                        "so their groups cannot be read from X."
+                    )
+                return self.factors[key].validate_ids(ids)
+        raise ValueError(f"RandomIntercept '{key}' is not in the model's network")
+
+
+def _as_vector(y) -> np.ndarray:
+    values = np.asarray(y, dtype="float64")
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise ValueError(f"y must be 1-dimensional. Received shape {values.shape}")
+    return values
+
+
+def _z(level: float) -> float:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must be in (0, 1). Received: level={level}")
+    return NormalDist().inv_cdf(0.5 + level / 2.0)
+
+
+def fixed_effects(obj, level: float = 0.95) -> pd.DataFrame:
+    """The global intercept and linear fixed effects: posterior mean, sd and interval.
+
+    Args:
+        obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
+        level: probability mass of the central interval.
+
+    Returns:
+        A DataFrame indexed by term (`"(Intercept)"`, then the feature names; `x0`, `x1`, ...
+        for a Keras model) with columns `mean`, `sd`, `lower` and `upper`.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> model = build_mixed_model(num_features=2, num_groups=[3])
+        >>> table = fixed_effects(model)
+        >>> list(table.index), list(table.columns)
+        (['(Intercept)', 'x0', 'x1'], ['mean', 'sd', 'lower', 'upper'])
+    """
+    fit = _Fit(obj)
+    loc, scale = fit.linear_posterior()
+    # q is a product of Normals, so an affine map of it is Normal with these moments.
+    mean = fit.shift + fit.matrix @ loc
+    sd = np.sqrt(np.square(fit.matrix) @ np.square(scale))
+    frame = pd.DataFrame(normal_summary(mean, sd, level), index=fit.term_names)
+    frame.index.name = "term"
+    return frame
+
+
+def variance_components(obj, level: float = 0.95) -> pd.DataFrame:
+    """Standard deviations of the group offsets per factor, and of the noise (lme4's VarCorr).
+
+    Args:
+        obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
+        level: probability mass of the interval given for a scale with a hyperprior.
+
+    Returns:
+        A DataFrame indexed by factor, plus a `"Residual"` row for a Gaussian likelihood, with
+        columns `sd` (sigma_k: the point estimate, or its posterior mean under a hyperprior),
+        `variance`, `lower` and `upper` (the central interval of q(sigma_k) under a
+        hyperprior, NaN for point estimates) and `groups` (levels seen in training).
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> model = build_mixed_model(num_features=0, num_groups=[4], scale_prior="exponential")
+        >>> table = variance_components(model)
+        >>> list(table.index), list(table.columns)
+        (['random_intercept_0', 'Residual'], ['sd', 'variance', 'lower', 'upper', 'groups'])
+    """
+    fit = _Fit(obj)
+    z = _z(level)
+    rows = {}
+    for key, layer in fit.factors.items():
+        sd = fit.response_scale * float(keras.ops.convert_to_numpy(layer.group_scale())[0])
+        lower = upper = math.nan
+        if layer.scale_prior is not None:
+            q_sigma = layer.posterior()["group_scale"]
+            mu = float(keras.ops.convert_to_numpy(q_sigma.loc)[0])
+            s = float(keras.ops.convert_to_numpy(q_sigma.scale)[0])
+            lower = fit.response_scale * math.exp(mu - z * s)
+            upper = fit.response_scale * math.exp(mu + z * s)
+        counts = keras.ops.convert_to_numpy(layer.group_counts)[: len(fit.levels[key])]
+        rows[key] = {"sd": sd, "lower": lower, "upper": upper, "groups": int(np.sum(counts > 0))}
+    noise = fit.noise_scale()
+    if noise is not None:
+        rows[RESIDUAL] = {"sd": noise, "lower": math.nan, "upper": math.nan, "groups": 0}
+    frame = pd.DataFrame.from_dict(
+        rows, orient="index", columns=["sd", "lower", "upper", "groups"]
+    ).astype({"sd": "float64", "lower": "float64", "upper": "float64", "groups": "int64"})
+    frame.insert(1, "variance", np.square(frame["sd"]))
+    frame.index.name = "factor"
+    return frame
+
+
+def residuals(obj, X, y) -> np.ndarray:
+    """`y` minus the posterior-mean prediction for `X`.
+
+    Args:
+        obj: an `ELBOModel` or a fitted `RandomEffectsRegressor`.
+        X: the inputs, as given to `predict`.
+        y: the response, shape `(n,)` or `(n, 1)`.
+
+    Returns:
+        An array of shape `(n,)`.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> model = build_mixed_model(num_features=0, num_groups=[2])
+        >>> residuals(model, np.array([0, 1]), np.array([1.0, -1.0]))
+        array([ 1., -1.])
+    """
+    return _as_vector(y) - _Fit(obj).predict(X)
+
+
+def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.DataFrame:
+    """The group offsets of one grouping factor (lme4's `ranef()`), with group statistics.
+
+    Groups with no training rows show their prior, Normal(0, sigma_k). Given the training
+    data, two within-group statistics are added: `raw_mean`, the mean of y over the group's
+    rows, and `unpooled`, the group's level (intercept + offset) estimated from its own rows
+    alone, that is the within-group mean of `y - prediction + intercept + offset` with every
+    other term held at its posterior mean. Partial pooling pulls `intercept + mean` from
+    `unpooled` towards the intercept, the more so the smaller `n`.
+
+    Args:
+        obj: a Keras model built from reffects layers (an `ELBOModel` when `X` is given), or
+            a fitted `RandomEffectsRegressor`.
+        factor: the grouping factor: a group column of the estimator, or the name of a
+            `RandomIntercept` layer; None when there is only one.
+        X, y: optional training data, as given to `fit`, for `raw_mean` and `unpooled`.
+        level: probability mass of the central interval.
+
+    Returns:
+        A DataFrame indexed by level (group id for a Keras model) with columns `mean`, `sd`,
+        `lower`, `upper`, `n` (training rows), and `raw_mean`, `unpooled` when `X`, `y` are
+        given (NaN for groups without rows in `X`).
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> model = build_mixed_model(num_features=0, num_groups=[3])
+        >>> ids, y = np.array([0, 0, 1]), np.array([1.0, 3.0, -1.0])
+        >>> model.get_layer("mixed_model").get_layer("random_intercept_0").adapt(ids)
+        >>> table = group_effects(model, X=ids, y=y)
+        >>> table["n"].tolist(), table["raw_mean"].tolist()
+        ([2, 1, 0], [2.0, -1.0, nan])
+    """
+    fit = _Fit(obj)
+    key = fit.factor(factor)
+    levels = fit.levels[key]
+    if fit.estimator is not None:
+        frame = fit.estimator.random_effects_[key].copy()
+        stats = normal_summary(frame["mean"], frame["sd"], level)
+        frame["lower"], frame["upper"] = stats["lower"], stats["upper"]
+    else:
+        frame = fit.factors[key].posterior_summary(level)
+    frame = frame[["mean", "sd", "lower", "upper", "n"]]
+    if X is None and y is None:
+        return frame
+    if X is None or y is None:
+        raise ValueError("Pass both X and y (the training data) for the group statistics.")
+    target = _as_vector(y)
+    codes = fit.group_codes(key, X)
+    if len(codes) != len(target):
+        raise ValueError(f"X has {len(codes)} rows but y has {len(target)}")
+    offsets = frame["mean"].to_numpy()
+    level_part = fit.intercept_mean() + np.where(codes >= 0, offsets[np.maximum(codes, 0)], 0.0)
+    rows = pd.DataFrame({"code": codes, "y": target, "own": target - fit.predict(X) + level_part})
+    means = rows[rows["code"] >= 0].groupby("code")[["y", "own"]].mean()
+    frame = frame.copy()
+    frame["raw_mean"] = means["y"].reindex(range(len(levels))).to_numpy()
+    frame["unpooled"] = means["own"].reindex(range(len(levels))).to_numpy()
+    return frame
+
+
+def posterior_draws(obj, num_draws: int = 1000, seed: int | None = None) -> dict:
+    """Independent draws from the variational posterior, on the reported scale.
+
+    Groups with no training rows are drawn from the prior Normal(0, sigma_k), with sigma_k
+    drawn from q(sigma_k) under a hyperprior. Scales learned as point estimates (sigma_k
+    without a hyperprior, the Gaussian noise scale) are repeated in every draw.
+
+    Args:
+        obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
+        num_draws: number of draws.
+        seed: seed of the NumPy generator.
+
+    Returns:
+        A dict of arrays whose first axis is the draw: `intercept` `(num_draws,)`, `coef`
+        `(num_draws, num_features)`, and per grouping factor k `offset_k`
+        `(num_draws, num_levels)` and `sigma_k` `(num_draws,)`; `noise_scale` for a
+        Gaussian likelihood.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> draws = posterior_draws(build_mixed_model(2, [3]), num_draws=5, seed=0)
+        >>> {name: value.shape for name, value in draws.items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'intercept': (5,), 'coef': (5, 2), 'offset_random_intercept_0': (5, 3),
+         'sigma_random_intercept_0': (5,), 'noise_scale': (5,)}
+    """
+    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 1:
+        raise ValueError(
+            f"`num_draws` must be a positive integer. Received: num_draws={num_draws!r}"
+        )
+    fit = _Fit(obj)
+    rng = np.random.default_rng(seed)
+    draws = {}
+    loc, scale = fit.linear_posterior()
+    if loc.size:
+        linear = loc + scale * rng.standard_normal((num_draws, loc.size))
+        linear = fit.shift + linear @ fit.matrix.T
+        if fit.intercept is not None:
+            draws["intercept"] = linear[:, 0]
+            linear = linear[:, 1:]
+        if fit.fixed is not None:
+            draws["coef"] = linear
+    for key, layer in fit.factors.items():
+        num_levels = len(fit.levels[key])
+        posterior = layer.posterior()
+        offset_loc = keras.ops.convert_to_numpy(posterior["offset"].loc)[:num_levels, 0]
+        offset_scale = keras.ops.convert_to_numpy(posterior["offset"].scale)[:num_levels, 0]
+        if layer.scale_prior is None:
+            sigma = np.full(num_draws, float(keras.ops.convert_to_numpy(layer.group_scale())[0]))
+        else:
+            mu = float(keras.ops.convert_to_numpy(posterior["group_scale"].loc)[0])
+            s = float(keras.ops.convert_to_numpy(posterior["group_scale"].scale)[0])
+            sigma = np.exp(mu + s * rng.standard_normal(num_draws))
+        noise = rng.standard_normal((num_draws, num_levels))
+        offsets = offset_loc + offset_scale * noise
+        unseen = keras.ops.convert_to_numpy(layer.group_counts)[:num_levels] == 0
+        offsets[:, unseen] = sigma[:, None] * noise[:, unseen]
+        name = str(key)
+        draws[f"offset_{name}"] = fit.response_scale * offsets
+        draws[f"sigma_{name}"] = fit.response_scale * sigma
+    noise_scale = fit.noise_scale()
+    if noise_scale is not None:
+        draws["noise_scale"] = np.full(num_draws, noise_scale)
+    return draws
+
+
+def to_inference_data(obj, num_draws: int = 1000, num_chains: int = 4, seed: int | None = None):
+    """The draws of `posterior_draws` as an `arviz.InferenceData`.
+
+    Needs ArviZ (`pip install reffects[arviz]`). The independent draws are split into
+    `num_chains` chains so that ArviZ's diagnostics that want several chains run (`r_hat` is
+    then 1 up to noise, and the effective sample size about the number of draws).
+    Dimensions: `feature` for `coef` (the feature names as coordinates) and one per grouping
+    factor for its offsets (the levels as coordinates).
+
+    Args:
+        obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
+        num_draws: draws per chain.
+        num_chains: number of chains.
+        seed: seed of the NumPy generator.
+
+    Returns:
+        An `arviz.InferenceData` with a `posterior` group.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> idata = to_inference_data(build_mixed_model(2, [3]), num_draws=10, seed=0)
+        >>> dict(idata.posterior.sizes)  # doctest: +NORMALIZE_WHITESPACE
+        {'chain': 4, 'draw': 10, 'feature': 2, 'random_intercept_0': 3}
+    """
+    try:
+        import arviz
+    except ImportError as error:
+        raise ImportError(
+            "to_inference_data needs ArviZ; install it with `pip install reffects[arviz]`."
+        ) from error
+    if (
+        isinstance(num_chains, bool)
+        or not isinstance(num_chains, (int, np.integer))
+        or num_chains < 1
+    ):
+        raise ValueError(
+            f"`num_chains` must be a positive integer. Received: num_chains={num_chains!r}"
+        )
+    fit = _Fit(obj)
+    draws = posterior_draws(obj, num_draws=num_chains * num_draws, seed=seed)
+    coords, dims = {}, {}
+    if "coef" in draws:
+        names = fit.term_names[1:] if fit.intercept is not None else fit.term_names
+        coords["feature"] = names
+        dims["coef"] = ["feature"]
+    for key in fit.factors:
+        coords[str(key)] = np.asarray(fit.levels[key])
+        dims[f"offset_{key}"] = [str(key)]
+    posterior = {
+        name: value.reshape(num_chains, num_draws, *value.shape[1:])
+        for name, value in draws.items()
+    }
+    return arviz.from_dict(posterior=posterior, coords=coords, dims=dims)
+
+
+def _text_table(columns: dict, left=()) -> list:
+    """Lines of a plain table, one space in front as in R's print: text left, numbers right."""
+    widths = {name: max(len(name), *map(len, values)) for name, values in columns.items()}
+    rows = [list(columns)] + [list(row) for row in zip(*columns.values())]
+    return [
+        " "
+        + " ".join(
+            cell.ljust(widths[name]) if name in left else cell.rjust(widths[name])
+            for name, cell in zip(columns, row)
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def factors(obj) -> list:
+    """The names of the grouping factors: the estimator's group columns, or layer names.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> factors(build_mixed_model(num_features=1, num_groups=[3, 4]))
+        ['random_intercept_0', 'random_intercept_1']
+    """
+    return list(_Fit(obj).factors)
+
+
+def training_history(obj):
+    """The per-epoch metrics (`loss`, `nll`, `kl`, ...) of the last `fit`, or None.
+
+    Args:
+        obj: a fitted `RandomEffectsRegressor`, a Keras model after `fit`, or the `History`
+            that `fit` returned.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> training_history(build_mixed_model(num_features=1, num_groups=[3])) is None
+        True
+    """
+    if _is_estimator(obj):
+        return getattr(obj, "history_", None)
+    history = getattr(obj, "history", None)
+    if isinstance(history, dict):
+        return history
+    return getattr(history, "history", None)
+
+
+@dataclass
+class Summary:
+    """What `summary` returns: its tables as attributes, an lme4-like text as `str()`.
+
+    Attributes:
+        family: the likelihood's name, e.g. `"gaussian"`.
+        num_examples: training rows N, or None if unknown.
+        last_epoch: the last epoch's `loss`, `nll` and `kl` (per training example, on the
+            training scale), or None without a history.
+        fixed_effects: the table of `fixed_effects`.
+        variance_components: the table of `variance_components`.
+        residual_quantiles: min, quartiles and max of the residuals (divided by the noise
+            scale for a Gaussian likelihood), or None without data.
+        subnetwork_weights: number of point-estimate weights outside the variational layers.
+        level: the interval level of the tables.
+    """
+
+    family: str
+    num_examples: int | None
+    last_epoch: dict | None
+    fixed_effects: pd.DataFrame
+    variance_components: pd.DataFrame
+    residual_quantiles: pd.Series | None
+    subnetwork_weights: int
+    level: float
+
+    def __str__(self) -> str:
+        lower = f"{50 * (1 - self.level):.3g} %"
+        upper = f"{100 - 50 * (1 - self.level):.3g} %"
+        lines = [
+            "Bayesian mixed model fit by variational inference (mean-field, ELBO)",
+            f" Family: {self.family}",
+        ]
+        if self.subnetwork_weights:
+            lines.append(f" Subnetwork f(x): {self.subnetwork_weights} point-estimate weights")
+        if self.last_epoch:
+            loss = self.last_epoch
+            lines += [
+                "",
+                "ELBO per training example at the last epoch (training scale): "
+                f"{-loss['loss']:.4f} "
+                f"(NLL {loss['nll']:.4f}, KL / N {loss['kl']:.4f})",
+            ]
+        if self.residual_quantiles is not None:
+            quantiles = self.residual_quantiles.to_frame().T.to_string(
+                index=False, float_format="{:.4f}".format
+            )
+            title = (
+                "Scaled residuals:"
+                if "Residual" in self.variance_components.index
+                else ("Residuals:")
+            )
+            lines += ["", title, quantiles]
+
+        components = self.variance_components
+        columns = {
+            "Groups": [str(name) for name in components.index],
+            "Name": ["" if name == RESIDUAL else INTERCEPT for name in components.index],
+            "Variance": [f"{v:.4f}" for v in components["variance"]],
+            "Std.Dev.": [f"{v:.4f}" for v in components["sd"]],
+        }
+        if components[["lower", "upper"]].notna().any(axis=None):
+            for column, label in (("lower", lower), ("upper", upper)):
+                columns[label] = ["" if np.isnan(v) else f"{v:.4f}" for v in components[column]]
+        groups = [
+            f"{name}, {count}" for name, count in components["groups"].items() if name != RESIDUAL
+        ]
+        lines += ["", "Random effects:"]
+        if len(components):
+            lines += _text_table(columns, left=("Groups", "Name"))
+        observations = "unknown" if self.num_examples is None else str(self.num_examples)
+        lines.append(f"Number of obs: {observations}, groups:  {'; '.join(groups) or 'none'}")
+
+        fixed = self.fixed_effects.rename(
+            columns={"mean": "Estimate", "sd": "Post.SD", "lower": lower, "upper": upper}
+        )
+        fixed.index.name = None
+        lines += ["", "Fixed effects:"]
+        if len(fixed):
+            lines.append(fixed.to_string(float_format="{:.4f}".format))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
+    """A readable overview of a fitted model, laid out like lme4's `summary()`.
+
+    Args:
+        obj: a Keras model built from reffects layers (an `ELBOModel` when `X` is given), or
+            a fitted `RandomEffectsRegressor`.
+        X, y: optional training data, for the residual quantiles.
+        level: probability mass of the intervals.
+
+    Returns:
+        A `Summary`; `print` it for the text, or read its tables.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> print(summary(build_mixed_model(num_features=1, num_groups=[3])))
+        Bayesian mixed model fit by variational inference (mean-field, ELBO)
+         Family: gaussian
+        <BLANKLINE>
+        Random effects:
+         Groups             Name        Variance Std.Dev.
+         random_intercept_0 (Intercept)   1.0000   1.0000
+         Residual                         1.0000   1.0000
+        Number of obs: unknown, groups:  random_intercept_0, 0
+        <BLANKLINE>
+        Fixed effects:
+                     Estimate  Post.SD   2.5 %  97.5 %
+        (Intercept)    0.0000   0.0100 -0.0196  0.0196
+        x0             0.0000   0.0100 -0.0196  0.0196
+    """
+    fit = _Fit(obj)
+    variational = (GlobalIntercept, FixedEffects, RandomIntercept)
+    excluded = {
+        id(weight)
+        for layer in _walk_layers(fit.model)
+        if isinstance(layer, variational) or layer is fit.likelihood
+        for weight in layer.weights
+    }
+    subnetwork = sum(
+        int(np.prod(weight.shape))
+        for weight in fit.model.trainable_weights
+        if id(weight) not in excluded
+    )
+    size = getattr(fit.model, "training_size", None)
+    num_examples = None
+    if size is not None and float(keras.ops.convert_to_numpy(size)) > 0:
+        num_examples = int(keras.ops.convert_to_numpy(size))
+    history = training_history(obj)
+    last_epoch = None
+    if history and all(name in history for name in ("loss", "nll", "kl")):
+        last_epoch = {name: float(history[name][-1]) for name in ("loss", "nll", "kl")}
+    components = variance_components(obj, level)
+    quantiles = None
+    if X is not None or y is not None:
+        if X is None or y is None:
+            raise ValueError("Pass both X and y (the training data) for the residuals.")
+        values = residuals(obj, X, y)
+        if RESIDUAL in components.index:
+            values = values / components.loc[RESIDUAL, "sd"]
+        quantiles = pd.Series(
+            np.quantile(values, [0.0, 0.25, 0.5, 0.75, 1.0]),
+            index=["Min", "1Q", "Median", "3Q", "Max"],
+        )
+    family = type(fit.likelihood).__name__.lower() if fit.likelihood is not None else "unknown"
+    return Summary(
+        family=family,
+        num_examples=num_examples,
+        last_epoch=last_epoch,
+        fixed_effects=fixed_effects(obj, level),
+        variance_components=components,
+        residual_quantiles=quantiles,
+        subnetwork_weights=subnetwork,
+        level=level,
+    )
