@@ -67,3 +67,30 @@ def epoch_seconds(model, features, groups, y, batch_size, epochs):
         [features, groups], y, batch_size=batch_size, epochs=epochs, callbacks=[timer], verbose=0
     )
     return float(np.median(timer.seconds[1:]))
+
+
+def lmmnn_simulation(num_rows, num_groups, group_variance, binary=False, seed=0):
+    """The simulation of Simchoni & Rosset (2021, LMMNN): one high-cardinality factor.
+
+        x ~ Uniform(-1, 1)^10,  m = 1 + sum(x),  f(x) = m cos(m) + 2 x0 x1
+        group sizes ~ Multinomial(num_rows, p),  p proportional to Poisson(3) + 1 per level
+        b ~ Normal(0, group_variance),  y = f(x) + b[g] + Normal(0, 1)
+        binary: y ~ Bernoulli(sigmoid(f(x) + b[g])), no noise term
+
+    Returns features `(n, 10)` float32, group ids `(n,)` int64, y `(n,)` float32, f(x) and the
+    drawn offsets b.
+    """
+    rng = np.random.default_rng(seed)
+    features = rng.uniform(-1.0, 1.0, (num_rows, 10))
+    m = 1.0 + features.sum(axis=1)
+    f = m * np.cos(m) + 2.0 * features[:, 0] * features[:, 1]
+    weights = rng.poisson(3.0, num_groups) + 1.0
+    sizes = rng.multinomial(num_rows, weights / weights.sum())
+    groups = rng.permutation(np.repeat(np.arange(num_groups), sizes))
+    offsets = rng.normal(0.0, np.sqrt(group_variance), num_groups)
+    eta = f + offsets[groups]
+    if binary:
+        y = (rng.random(num_rows) < 1.0 / (1.0 + np.exp(-eta))).astype("float32")
+    else:
+        y = (eta + rng.normal(0.0, 1.0, num_rows)).astype("float32")
+    return features.astype("float32"), groups.astype("int64"), y, f, offsets

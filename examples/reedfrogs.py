@@ -94,7 +94,7 @@ def fit_vi(frogs: pd.DataFrame, steps: int, num_samples: int, seed: int) -> dict
         steps_per_execution=STEPS_PER_EXECUTION,
     )
     start = time.perf_counter()
-    model.fit(stream, epochs=10, steps_per_epoch=steps // 10, verbose=0)
+    model.fit(stream, epochs=10, steps_per_epoch=steps // 10, shuffle=False, verbose=0)
     fit_time = time.perf_counter() - start
     q_a_bar = network.get_layer("a_bar").posterior()
     sigma = layer.sample_group_scale(num_samples, seed=seed)
@@ -221,7 +221,7 @@ def plot_tanks(frogs, vi, nuts, path):
     for centre, label in zip((8.5, 24.5, 40.5), ("small tanks (10)", "medium (25)", "large (35)")):
         ax.text(centre, 0.02, label, ha="center", va="bottom", fontsize=9)
     ax.set(xlabel="tank", ylabel="proportion survived", ylim=(0, 1.05), xlim=(0, 49))
-    ax.legend(loc="lower right", fontsize=8, ncol=2, bbox_to_anchor=(1.0, 0.08))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

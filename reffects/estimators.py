@@ -15,7 +15,7 @@ import tensorflow as tf
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from reffects.exact_updates import refine_gaussian_random_effects
+from reffects.exact_updates import refine_gaussian
 from reffects.likelihoods import Gaussian, get_likelihood
 from reffects.models import build_mixed_model, centre_random_intercepts
 from reffects.training import predict_interval, sample_predictive
@@ -25,25 +25,33 @@ _MIN_BATCHES_PER_EPOCH = 10
 _TARGET_STEPS = 4000
 _MAX_EPOCHS = 400
 _MIN_EPOCHS = 10
+_WARM_START_STEPS = 500
+_STEPS_PER_EXECUTION = 32
 _FAMILIES = ("gaussian", "binomial", "poisson")
 _PREDICTIVE_DRAWS = 1000
 _INITIAL_GROUP_SCALE = 0.5
 _INITIAL_NOISE_SCALE = 0.7
 
 
-def default_schedule(num_rows: int) -> tuple[int, int]:
+def default_schedule(num_rows: int, exact_finish: bool = False) -> tuple[int, int]:
     """Batch size and epochs used when the user leaves them at None.
 
     Batches of at most 1024 rows, at least 10 per epoch; about 4,000 optimizer steps in all,
     but never fewer than 10 epochs (each group's offsets only move when its rows are drawn).
+    With `exact_finish` (a linear Gaussian model with point-estimate scales, which the exact
+    updates of `reffects.exact_updates` solve in full after SGD) SGD is only a warm start:
+    about 500 steps, at least one epoch.
 
     Example:
         >>> default_schedule(100)
         (10, 400)
+        >>> default_schedule(1_000_000, exact_finish=True)
+        (1024, 1)
     """
     batch_size = max(1, min(_MAX_BATCH_SIZE, num_rows // _MIN_BATCHES_PER_EPOCH))
     steps_per_epoch = max(1, num_rows // batch_size)
-    epochs = min(_MAX_EPOCHS, max(_MIN_EPOCHS, math.ceil(_TARGET_STEPS / steps_per_epoch)))
+    target, fewest = (_WARM_START_STEPS, 1) if exact_finish else (_TARGET_STEPS, _MIN_EPOCHS)
+    epochs = min(_MAX_EPOCHS, max(fewest, math.ceil(target / steps_per_epoch)))
     return batch_size, epochs
 
 
@@ -355,7 +363,10 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         initial_mean, row_information = self._initial_mean(target, weights)
 
         num_rows = len(target)
-        batch_size, epochs = default_schedule(num_rows)
+        exact_finish = (
+            self.family == "gaussian" and not self.hidden_units and self.scale_prior is None
+        )
+        batch_size, epochs = default_schedule(num_rows, exact_finish)
         batch_size = min(self.batch_size or batch_size, num_rows)
         epochs = self.epochs or epochs
         seed = (
@@ -388,7 +399,7 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         )
         # Keras runs whole multiples of steps_per_execution per epoch, so an epoch here is
         # one pass rounded up to that multiple; the stream is endless, so nothing runs dry.
-        steps_per_execution = min(steps, 32)
+        steps_per_execution = min(steps, _STEPS_PER_EXECUTION)
         steps = math.ceil(steps / steps_per_execution) * steps_per_execution
         schedule = keras.optimizers.schedules.CosineDecay(
             self.learning_rate, decay_steps=epochs * steps, alpha=0.01
@@ -400,19 +411,22 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         history = self.model_.fit(
             stream, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=self.verbose
         )
-        if self.family == "gaussian" and self._levels:
-            refine_gaussian_random_effects(
+        if self.family == "gaussian":
+            network = self.model_.network
+            refine_gaussian(
                 self.model_,
                 data.model_inputs(),
                 model_y,
                 {
-                    self.model_.network.get_layer(f"random_intercept_{k}"): codes
+                    network.get_layer(f"random_intercept_{k}"): codes
                     for k, codes in enumerate(data.codes)
                 },
                 sample_weight=weights,
-                fixed_part_variance=self._fixed_part_variance(data),
+                intercept=network.get_layer("global_intercept"),
+                fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
+                features=data.features,
             )
-        elif self.family != "gaussian":
+        else:
             centre_random_intercepts(self.model_)
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history.history

@@ -1,60 +1,145 @@
-"""Exact coordinate-ascent updates of Gaussian random intercepts, after stochastic training.
+"""Exact coordinate-ascent updates for Gaussian models, after stochastic training.
 
-With a Gaussian likelihood and everything else held at its current posterior, the optimal
-mean-field q(b_k[g]) and the optimal point estimates of sigma_k and the noise scale have
-closed forms. For group g of factor k, with r_i the residual of row i once factor k's offset
-is taken out and w_i its sample weight:
+With a Gaussian likelihood, each block of the mean-field posterior has a closed-form optimum
+given the others. For group g of factor k, with r_i the residual of row i once factor k's
+offset is taken out and w_i its sample weight:
 
     precision_g = sum_{i in g} w_i / sigma_y^2 + 1 / sigma_k^2
     q(b_k[g])   = Normal(sum_{i in g} w_i r_i / sigma_y^2 / precision_g, precision_g^-1/2)
-    sigma_k^2   = mean over trained groups of (mean_g^2 + sd_g^2)
+    sigma_k^2   = mean over trained groups of E[b_k[g]^2]
     sigma_y^2   = sum_i w_i E_q[(y_i - eta_i)^2] / sum_i w_i
 
-SGD reaches this optimum only up to the noise of its last steps, and that noise inflates
-sigma_k (it adds to every mean_g^2). One pass of `predict` gives the per-group sums, after
-which the updates iterate in NumPy until they stop moving.
+and for the linear terms (alpha, beta) with design D = [1, x] and prior precision Lambda:
+
+    P = D' W D / sigma_y^2 + Lambda,   mean = P^-1 (D' W r / sigma_y^2 + Lambda m0),
+    sd_j = P_jj^-1/2 (the mean-field sd)
+
+In E[b_k[g]^2] the intercept is integrated out jointly with the offsets, adding
+shrinkage_g^2 Var(alpha): that is REML's correction of ML's sigma_k.
+
+SGD reaches the optimum only up to the noise of its last steps, and that noise inflates
+sigma_k (it adds to every squared group mean). One pass of `predict` fixes everything the
+updates do not touch (a dense subnetwork); the updates then iterate in NumPy until they stop
+moving.
 """
 
 import numpy as np
 from keras import ops
 
-from reffects.layers import RandomIntercept
+from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.likelihoods import Gaussian
-from reffects.posteriors import inverse_softplus
+from reffects.posteriors import inverse_softplus, positive
 
-_MAX_SWEEPS = 50
-_TOLERANCE = 1e-7
+_MAX_SWEEPS = 200
+_TOLERANCE = 1e-6
 
 
-def refine_gaussian_random_effects(
-    model, x, y, group_ids, sample_weight=None, fixed_part_variance=None
+def _numpy(tensor):
+    return ops.convert_to_numpy(tensor).astype("float64")
+
+
+def _linear_part(intercept, fixed_effects, features, num_rows):
+    """Design matrix, current means, prior means and prior precisions of (alpha, beta)."""
+    if intercept is None:
+        return None
+    if not isinstance(intercept, GlobalIntercept) or intercept.units != 1:
+        raise ValueError(f"'{intercept.name}' is not a GlobalIntercept with units=1")
+    columns = [np.ones((num_rows, 1))]
+    means = [_numpy(intercept.intercept_loc)]
+    prior_loc = [intercept.prior_loc]
+    prior_precision = [intercept.prior_scale**-2]
+    if fixed_effects is not None:
+        if not isinstance(fixed_effects, FixedEffects) or fixed_effects.units != 1:
+            raise ValueError(f"'{fixed_effects.name}' is not a FixedEffects with units=1")
+        features = np.asarray(features, dtype="float64")
+        columns.append(features)
+        means.append(_numpy(fixed_effects.kernel_loc)[:, 0])
+        prior_loc += [fixed_effects.prior_loc] * features.shape[1]
+        prior_precision += [fixed_effects.prior_scale**-2] * features.shape[1]
+    return {
+        "design": np.hstack(columns),
+        "mean": np.concatenate(means),
+        "prior_loc": np.array(prior_loc),
+        "prior_precision": np.array(prior_precision),
+    }
+
+
+def _group_factor(layer, ids, weights):
+    if not isinstance(layer, RandomIntercept) or layer.units != 1:
+        raise ValueError(f"'{layer.name}' is not a RandomIntercept with units=1")
+    ids = np.asarray(ids).reshape(-1)
+    mean = _numpy(layer.offset_loc)[:, 0]
+    return {
+        "layer": layer,
+        "ids": ids,
+        "seen": _numpy(layer.group_counts) > 0,
+        "weight": np.bincount(ids, weights, minlength=layer.num_groups),
+        "mean": mean,
+        "sd": _numpy(positive(layer.offset_untransformed_scale))[:, 0],
+        "scale": float(layer.group_scale()[0]),
+        "inverse_variance": float(layer.inverse_prior_variance()[0]),
+    }
+
+
+def _update_factor(factor, residual, weights, noise_variance):
+    """Exact q(b_k) given the residual without factor k; EM on sigma_k when it is a point."""
+    ids, seen = factor["ids"], factor["seen"]
+    weighted_sum = np.bincount(ids, weights * residual, minlength=len(seen))
+    for _ in range(200):
+        precision = factor["weight"] / noise_variance + factor["inverse_variance"]
+        mean = np.where(seen, weighted_sum / noise_variance / precision, 0.0)
+        sd = precision**-0.5
+        if factor["layer"].scale_prior is not None:
+            break  # sigma_k has its own posterior, fitted by SGD
+        weight = factor["weight"][seen]
+        intercept_variance = 1.0 / np.sum(1.0 / (factor["scale"] ** 2 + noise_variance / weight))
+        shrinkage = weight / noise_variance / precision[seen]
+        second_moment = mean[seen] ** 2 + sd[seen] ** 2 + shrinkage**2 * intercept_variance
+        new_scale = float(np.sqrt(np.mean(second_moment)))
+        converged = abs(new_scale - factor["scale"]) < _TOLERANCE * factor["scale"]
+        factor["scale"], factor["inverse_variance"] = new_scale, new_scale**-2
+        if converged:
+            break
+    change = float(np.max(np.abs(mean - factor["mean"])))
+    factor["mean"], factor["sd"] = mean, sd
+    return change
+
+
+def refine_gaussian(
+    model,
+    x,
+    y,
+    group_ids,
+    sample_weight=None,
+    intercept=None,
+    fixed_effects=None,
+    features=None,
 ):
-    """Moves each `RandomIntercept` (units=1) and the noise scale to their exact optimum.
+    """Moves the listed terms and the noise scale to their exact joint optimum.
 
     Args:
         model: an `ELBOModel` with a `Gaussian` likelihood whose predictor is additive in
-            the listed `RandomIntercept` layers.
+            the listed layers (anything else, such as a subnetwork, is held fixed).
         x: the training inputs, as passed to `fit`.
         y: the training responses, shape `(n,)`.
-        group_ids: dict mapping each `RandomIntercept` layer to its training ids `(n,)`.
+        group_ids: dict mapping each `RandomIntercept` (units=1) to its training ids.
         sample_weight: optional weights `(n,)`, as passed to `fit`.
-        fixed_part_variance: optional `(n,)` posterior variance of the rest of the predictor
-            (intercept and fixed effects). It enters the noise-scale update, where it plays
-            the part of REML's degrees-of-freedom correction (about p sigma_y^2 / N).
+        intercept: the `GlobalIntercept` to update too, or None to hold it.
+        fixed_effects: the `FixedEffects` to update too (needs `intercept` and `features`).
+        features: the `(n, d)` input of `fixed_effects`.
 
     Returns:
         The number of sweeps made.
 
     Example:
         >>> import keras
-        >>> from reffects import ELBOModel, GlobalIntercept
+        >>> from reffects import ELBOModel
         >>> ids = keras.Input(shape=(), dtype="int64")
-        >>> layer = RandomIntercept(3)
-        >>> eta = keras.layers.Add()([GlobalIntercept()(ids), layer(ids)])
-        >>> model = ELBOModel(keras.Model(ids, eta))
+        >>> alpha, layer = GlobalIntercept(), RandomIntercept(3)
+        >>> model = ELBOModel(keras.Model(ids, keras.layers.Add()([alpha(ids), layer(ids)])))
         >>> g, y = np.array([0, 0, 1, 2, 2, 2]), np.array([1.0, 1.2, -0.5, 0.1, 0.3, 0.2])
         >>> layer.adapt(g)
-        >>> refine_gaussian_random_effects(model, g, y, {layer: g}) > 0
+        >>> refine_gaussian(model, g, y, {layer: g}, intercept=alpha) > 0
         True
     """
     if not isinstance(model.likelihood, Gaussian):
@@ -63,68 +148,59 @@ def refine_gaussian_random_effects(
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
     eta = np.asarray(model.predict(x, batch_size=8192, verbose=0), dtype="float64").reshape(-1)
     noise_variance = float(model.likelihood.noise_scale()) ** 2
-    other_variance = 0.0 if fixed_part_variance is None else np.asarray(fixed_part_variance)
+    factors = [_group_factor(layer, ids, weights) for layer, ids in group_ids.items()]
+    linear = _linear_part(intercept, fixed_effects, features, len(y))
 
-    factors = []
-    for layer, ids in group_ids.items():
-        if not isinstance(layer, RandomIntercept) or layer.units != 1:
-            raise ValueError(f"'{layer.name}' is not a RandomIntercept with units=1")
-        ids = np.asarray(ids).reshape(-1)
-        seen = ops.convert_to_numpy(layer.group_counts) > 0
-        factors.append(
-            {
-                "layer": layer,
-                "ids": ids,
-                "seen": seen,
-                "weight": np.bincount(ids, weights, minlength=layer.num_groups),
-                "mean": ops.convert_to_numpy(layer.offset_loc)[:, 0].astype("float64"),
-                "scale": float(layer.group_scale()[0]),
-                "inverse_variance": float(layer.inverse_prior_variance()[0]),
-            }
-        )
+    # Everything the updates hold fixed (a subnetwork, or the linear terms if not listed).
+    held = eta - sum(f["mean"][f["ids"]] for f in factors)
+    if linear is not None:
+        held -= linear["design"] @ linear["mean"]
+        gram = linear["design"].T @ (weights[:, None] * linear["design"])
+    linear_variance = 0.0
 
     sweeps = 0
     while sweeps < _MAX_SWEEPS:
         sweeps += 1
+        offsets = sum(f["mean"][f["ids"]] for f in factors)
         change = 0.0
+        if linear is not None:
+            precision = gram / noise_variance + np.diag(linear["prior_precision"])
+            target = y - held - offsets
+            rhs = linear["design"].T @ (weights * target) / noise_variance
+            rhs += linear["prior_precision"] * linear["prior_loc"]
+            mean = np.linalg.solve(precision, rhs)
+            change = float(np.max(np.abs(mean - linear["mean"])))
+            linear["mean"], linear["sd"] = mean, np.diag(precision) ** -0.5
+            linear_variance = np.square(linear["design"]) @ np.square(linear["sd"])
+        fitted_linear = 0.0 if linear is None else linear["design"] @ linear["mean"]
         for factor in factors:
-            ids, seen = factor["ids"], factor["seen"]
-            residual = y - eta + factor["mean"][ids]
-            weighted_sum = np.bincount(ids, weights * residual, minlength=len(seen))
-            for _ in range(200):  # sigma_k <-> q(b_k) given the residuals: a fast EM
-                precision = factor["weight"] / noise_variance + factor["inverse_variance"]
-                mean = np.where(seen, weighted_sum / noise_variance / precision, 0.0)
-                sd = precision**-0.5
-                if factor["layer"].scale_prior is not None:
-                    break  # sigma_k has its own posterior, fitted by SGD
-                # With the intercept integrated out jointly with the offsets, each offset's
-                # variance gains shrinkage^2 Var(alpha): REML's correction of ML's sigma_k.
-                weight = factor["weight"][seen]
-                intercept_variance = 1.0 / np.sum(
-                    1.0 / (factor["scale"] ** 2 + noise_variance / weight)
-                )
-                shrinkage = weight / noise_variance / precision[seen]
-                second_moment = mean[seen] ** 2 + sd[seen] ** 2 + shrinkage**2 * intercept_variance
-                new_scale = float(np.sqrt(np.mean(second_moment)))
-                converged = abs(new_scale - factor["scale"]) < _TOLERANCE * factor["scale"]
-                factor["scale"], factor["inverse_variance"] = new_scale, new_scale**-2
-                if converged:
-                    break
-            eta += (mean - factor["mean"])[ids]
-            change = max(change, float(np.max(np.abs(mean - factor["mean"]))))
-            factor["mean"], factor["sd"] = mean, sd
+            others = offsets - factor["mean"][factor["ids"]]
+            residual = y - held - fitted_linear - others
+            change = max(change, _update_factor(factor, residual, weights, noise_variance))
+            offsets = others + factor["mean"][factor["ids"]]
         group_variance = sum(f["sd"][f["ids"]] ** 2 for f in factors)
-        squared_error = (y - eta) ** 2 + group_variance + other_variance
-        noise_variance = float(np.sum(weights * squared_error) / np.sum(weights))
+        squared_error = (y - held - fitted_linear - offsets) ** 2 + group_variance
+        noise_variance = float(np.sum(weights * (squared_error + linear_variance)) / weights.sum())
         if change < _TOLERANCE:
             break
 
     for factor in factors:
         layer = factor["layer"]
         layer.offset_loc.assign(factor["mean"][:, None].astype("float32"))
-        raw = inverse_softplus(factor["sd"])
-        layer.offset_untransformed_scale.assign(raw[:, None].astype("float32"))
+        layer.offset_untransformed_scale.assign(
+            inverse_softplus(factor["sd"])[:, None].astype("float32")
+        )
         if layer.scale_prior is None:
             layer.group_scale_untransformed.assign([inverse_softplus(factor["scale"])])
+    if linear is not None:
+        intercept.intercept_loc.assign(linear["mean"][:1].astype("float32"))
+        intercept.intercept_untransformed_scale.assign(
+            inverse_softplus(linear["sd"][:1]).astype("float32")
+        )
+        if fixed_effects is not None:
+            fixed_effects.kernel_loc.assign(linear["mean"][1:, None].astype("float32"))
+            fixed_effects.kernel_untransformed_scale.assign(
+                inverse_softplus(linear["sd"][1:])[:, None].astype("float32")
+            )
     model.likelihood.noise_scale_untransformed.assign(inverse_softplus(noise_variance**0.5))
     return sweeps

@@ -178,6 +178,8 @@ class ELBOModel(keras.Model):
         if isinstance(train_x, dict):
             return {id(t): train_x[t.name] for t in inputs if t.name in train_x}
         if len(inputs) == 1:
+            if isinstance(train_x, (list, tuple)) and len(train_x) == 1:
+                train_x = train_x[0]
             return {id(inputs[0]): train_x}
         if isinstance(train_x, (list, tuple)) and len(train_x) == len(inputs):
             return {id(t): value for t, value in zip(inputs, train_x)}
@@ -253,6 +255,8 @@ class _PosteriorDraws(keras.layers.Layer):
 
 def _draw_network(network, num_samples, rng):
     """The network with every variational layer replaced by draws from its q (weights shared)."""
+    if isinstance(network, keras.Sequential):
+        network = keras.Model(network.inputs[0], network.outputs[0])  # same layers, functional
     if not isinstance(network, keras.Model) or not hasattr(network, "inputs"):
         raise ValueError(
             "Posterior predictive sampling needs a functional (or Sequential) Keras network "

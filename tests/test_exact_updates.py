@@ -5,7 +5,7 @@ import pytest
 import statsmodels.formula.api as smf
 
 from reffects import ELBOModel, GlobalIntercept, RandomIntercept
-from reffects.exact_updates import refine_gaussian_random_effects
+from reffects.exact_updates import refine_gaussian
 
 
 def _one_way(num_groups=12, seed=0):
@@ -22,7 +22,7 @@ def _one_way(num_groups=12, seed=0):
 
 def test_offsets_are_the_exact_conditional_posterior():
     model, layer, intercept, groups, y = _one_way()
-    refine_gaussian_random_effects(model, groups, y, {layer: groups})
+    refine_gaussian(model, groups, y, {layer: groups})
     # Given alpha, sigma_k and sigma_y, q(b[g]) is the conjugate Normal posterior.
     alpha = float(intercept.intercept_loc.numpy()[0])
     sigma_k = float(layer.group_scale()[0])
@@ -37,7 +37,7 @@ def test_offsets_are_the_exact_conditional_posterior():
 
 def test_sigma_matches_reml_for_the_one_way_model():
     model, layer, intercept, groups, y = _one_way()
-    refine_gaussian_random_effects(model, groups, y, {layer: groups})
+    refine_gaussian(model, groups, y, {layer: groups})
     frame = pd.DataFrame({"y": y, "g": groups})
     reml = smf.mixedlm("y ~ 1", frame, groups=frame["g"]).fit(reml=True)
     # alpha is held at the mean of y rather than REML's GLS estimate, which moves sigma by a
@@ -48,9 +48,9 @@ def test_sigma_matches_reml_for_the_one_way_model():
 
 def test_a_second_refinement_is_a_fixed_point():
     model, layer, _, groups, y = _one_way()
-    refine_gaussian_random_effects(model, groups, y, {layer: groups})
+    refine_gaussian(model, groups, y, {layer: groups})
     before = layer.offset_loc.numpy().copy(), float(layer.group_scale()[0])
-    assert refine_gaussian_random_effects(model, groups, y, {layer: groups}) <= 2
+    assert refine_gaussian(model, groups, y, {layer: groups}) <= 2
     np.testing.assert_allclose(layer.offset_loc.numpy(), before[0], atol=1e-5)
     assert float(layer.group_scale()[0]) == pytest.approx(before[1], rel=1e-5)
 
@@ -60,6 +60,4 @@ def test_needs_a_gaussian_likelihood():
     layer = RandomIntercept(3)
     model = ELBOModel(keras.Model(ids, layer(ids)), likelihood="poisson")
     with pytest.raises(ValueError, match="Gaussian likelihood"):
-        refine_gaussian_random_effects(
-            model, np.array([0, 1]), np.array([1.0, 2.0]), {layer: [0, 1]}
-        )
+        refine_gaussian(model, np.array([0, 1]), np.array([1.0, 2.0]), {layer: [0, 1]})
