@@ -1,13 +1,15 @@
 """reffects: Bayesian random-effects layers and estimators for Keras."""
 
-from reffects.estimators import RandomEffectsRegressor
+from reffects.estimators import RandomEffectsClassifier, RandomEffectsRegressor
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.likelihoods import Bernoulli, Binomial, Gaussian, Poisson
 from reffects.posteriors import Exponential, HalfNormal
+from reffects.streaming import count_groups
 from reffects.training import ELBOModel, predict_interval, sample_predictive
 
 __all__ = [
     "ELBOModel",
+    "RandomEffectsClassifier",
     "RandomEffectsRegressor",
     "Bernoulli",
     "Binomial",
@@ -18,6 +20,7 @@ __all__ = [
     "HalfNormal",
     "Poisson",
     "RandomIntercept",
+    "count_groups",
     "predict_interval",
     "sample_predictive",
 ]

@@ -12,12 +12,15 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from scipy import sparse
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from reffects.exact_updates import refine_gaussian
-from reffects.likelihoods import Gaussian, get_likelihood
+from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model, centre_random_intercepts
+from reffects.posteriors import inverse_softplus
 from reffects.training import predict_interval, sample_predictive
 
 _MAX_BATCH_SIZE = 1024
@@ -98,32 +101,12 @@ class _EncodedData:
         return inputs
 
 
-class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
-    """A Bayesian (generalised) linear mixed model, or random-effects neural network.
-
-        eta = alpha + sum_k b_k[group_k] + x . beta + f(x),     b_k ~ Normal(0, sigma_k)
-        gaussian: y ~ Normal(eta, noise_scale)
-        binomial: y = proportion of n trials, n y ~ Binomial(n, sigmoid(eta))
-        poisson:  y ~ Poisson(exp(eta))
-        alpha ~ Normal(0, prior_scale), beta ~ Normal(0, prior_scale)
-
-    Fitted by variational inference on the ELBO through Keras `fit`. Features are
-    standardised internally (so beta's prior is per standard deviation of its feature, and
-    alpha's prior is on eta at the mean features); for "gaussian" y is standardised too,
-    for the other families it is not, so `prior_scale` is on the logit or log scale, as in
-    Statistical Rethinking's m13.2 (`prior_scale=1.5, scale_prior="exponential"`). Every
-    estimate is reported on the data's scale (link scale for the other families).
-
-    Parameters
-    ----------
+_SHARED_PARAMETERS = """
     group_cols : list of column names (DataFrame) or integer positions (ndarray)
         The grouping factors; every other column is a numeric fixed-effect feature.
-        `()` leaves no grouping factor: a Bayesian linear regression.
+        `()` leaves no grouping factor (a Bayesian generalised linear model).
     hidden_units : tuple of int
         `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f.
-    family : "gaussian", "binomial" or "poisson"
-        For "binomial", y is the proportion of successes and `sample_weight` the number of
-        trials of each row (1 when none is given), as in R's `glm`.
     epochs, batch_size : int or None
         None chooses them from the data size (`default_schedule`).
     learning_rate : float
@@ -131,13 +114,21 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
     scale_prior : None, "exponential", "half_normal" or a ScalePrior
         None learns each sigma_k as a point estimate (empirical Bayes).
     prior_scale : float
-        Standard deviation of the Normal priors of alpha and beta (see above).
+        Standard deviation of the Normal priors of alpha and beta (features are
+        standardised, so beta's prior is per standard deviation of its feature).
+    early_stopping : bool
+        Hold out `validation_fraction` of the rows and stop when the validation loss has not
+        improved for `n_iter_no_change` epochs, keeping the best weights.
+    validation_fraction : float in (0, 1)
+    n_iter_no_change : int
     random_state : int or None
+        Seeds the initial weights, the shuffling, the training noise and the predictive
+        draws; fits with the same value agree to float32 round-off.
     verbose : int
-        Passed to Keras's `fit`.
+        Passed to Keras's `fit` (0 silent, 1 progress bar, 2 one line per epoch).
+"""
 
-    Attributes
-    ----------
+_SHARED_ATTRIBUTES = """
     intercept_ : float
     coef_ : ndarray of shape (n_fixed_features,)
         Posterior means of the linear fixed effects, in the order of the non-group columns.
@@ -145,59 +136,27 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         Group column -> sigma_k, the standard deviation of its offsets.
     random_effects_ : dict
         Group column -> DataFrame indexed by level with columns mean, sd, lower, upper, n.
-    noise_scale_ : float, "gaussian" only
     feature_names_in_, n_features_in_ : as in scikit-learn
     model_ : the fitted `ELBOModel`
-    history_ : dict of per-epoch `loss`, `nll` and `kl`
+    history_ : dict of per-epoch `loss`, `nll` and `kl` (and `val_*` with early stopping)
     fit_time_ : float, seconds
+"""
 
-    Examples
-    --------
-    >>> rng = np.random.default_rng(0)
-    >>> X = pd.DataFrame({"school": rng.choice(["a", "b", "c"], 300), "x": rng.normal(size=300)})
-    >>> y = X["school"].map({"a": -1.0, "b": 0.0, "c": 1.0}) + 2 * X["x"] + rng.normal(size=300)
-    >>> est = RandomEffectsRegressor(group_cols=["school"], epochs=20, random_state=0)
-    >>> est.fit(X, y).predict(X).shape
-    (300,)
+
+class _MixedModelEstimator(BaseEstimator):
+    """What the regressor and the classifier share: validation, encoding, fitting, reading.
+
+    Subclasses choose the likelihood and how y is put on the model's scale
+    (`_model_target`); everything else is here.
     """
-
-    def __init__(
-        self,
-        *,
-        group_cols=None,
-        hidden_units=(),
-        family: str = "gaussian",
-        epochs: int | None = None,
-        batch_size: int | None = None,
-        learning_rate: float = 0.01,
-        scale_prior=None,
-        prior_scale: float = 10.0,
-        random_state: int | None = None,
-        verbose: int = 0,
-    ):
-        self.group_cols = group_cols
-        self.hidden_units = hidden_units
-        self.family = family
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.scale_prior = scale_prior
-        self.prior_scale = prior_scale
-        self.random_state = random_state
-        self.verbose = verbose
 
     # ----------------------------------------------------------------------- validation
     def _check_params(self):
-        if self.family not in _FAMILIES:
-            raise ValueError(
-                f"`family` must be one of {', '.join(map(repr, _FAMILIES))}. "
-                f"Received: family={self.family!r}"
-            )
         if not (isinstance(self.prior_scale, numbers.Real) and self.prior_scale > 0):
             raise ValueError(
                 f"`prior_scale` must be positive. Received: prior_scale={self.prior_scale!r}"
             )
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "n_iter_no_change"):
             value = getattr(self, name)
             if value is not None and (
                 not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
@@ -208,6 +167,13 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         if not (isinstance(self.learning_rate, numbers.Real) and self.learning_rate > 0):
             raise ValueError(
                 f"`learning_rate` must be positive. Received: learning_rate={self.learning_rate!r}"
+            )
+        if not (
+            isinstance(self.validation_fraction, numbers.Real) and 0 < self.validation_fraction < 1
+        ):
+            raise ValueError(
+                "`validation_fraction` must be in (0, 1). "
+                f"Received: validation_fraction={self.validation_fraction!r}"
             )
         if any(
             not isinstance(u, numbers.Integral) or isinstance(u, bool) or u < 1
@@ -230,10 +196,10 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
             if isinstance(self.group_cols, (str, numbers.Integral))
             else list(self.group_cols)
         )
-        names = list(X.columns) if isinstance(X, pd.DataFrame) else None
+        names = list(X.columns)
         positions = []
         for col in cols:
-            if names is not None and col in names:
+            if col in names:
                 positions.append(names.index(col))
             elif isinstance(col, numbers.Integral) and not isinstance(col, bool):
                 if not 0 <= col < X.shape[1]:
@@ -243,78 +209,94 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
                     )
                 positions.append(int(col))
             else:
-                raise ValueError(
-                    f"group column {col!r} is not in X; its columns are {names}"
-                    if names is not None
-                    else f"group column {col!r} must be an integer position for an ndarray X"
-                )
+                raise ValueError(f"group column {col!r} is not in X; its columns are {names}")
         if len(set(positions)) != len(positions):
             raise ValueError(f"`group_cols` repeats a column: {cols!r}")
         return cols, positions
 
-    def _split_columns(self, X, reset):
-        """Validated (features as float64, list of group columns as object arrays)."""
+    @staticmethod
+    def _as_frame(X):
+        """X as a DataFrame, after the checks scikit-learn users expect of any estimator."""
+        if sparse.issparse(X):
+            raise TypeError(
+                "sparse input is not supported: X holds group labels and numeric features; "
+                "pass a dense array or DataFrame (X.toarray())"
+            )
         if isinstance(X, pd.DataFrame):
             frame = X
         else:
             array = np.asarray(X)
             if array.ndim != 2:
-                raise ValueError(f"X must be 2-dimensional. Received shape {array.shape}")
+                raise ValueError(
+                    f"Expected a 2D X, got shape {array.shape} instead. Reshape your data "
+                    "with X.reshape(-1, 1) if it has a single column."
+                )
             frame = pd.DataFrame(array)
+        if any(np.iscomplexobj(frame[c].to_numpy()) for c in frame.columns):
+            raise ValueError("Complex data not supported")
+        num_rows, num_columns = frame.shape
+        if num_rows == 0:
+            raise ValueError(
+                f"Found array with 0 sample(s) (shape=({num_rows}, {num_columns})) while a "
+                "minimum of 1 is required."
+            )
+        if num_columns == 0:
+            raise ValueError(
+                f"Found array with 0 feature(s) (shape=({num_rows}, 0)) while a minimum of 1 "
+                "is required."
+            )
+        return frame
+
+    def _split_columns(self, X, reset):
+        """Validated (features as float64, group columns as object arrays, group keys)."""
+        frame = self._as_frame(X)
         validate_data(
             self, frame, reset=reset, dtype=None, ensure_all_finite=False, skip_check_array=True
         )
-        if frame.shape[0] == 0:
-            raise ValueError("X has 0 rows; at least 1 is required.")
-        cols, positions = self._group_positions(X if isinstance(X, pd.DataFrame) else frame)
-        column_names = [str(c) for c in frame.columns]
+        cols, positions = self._group_positions(frame)
         groups = []
         for col, pos in zip(cols, positions):
             values = frame.iloc[:, pos].to_numpy(dtype=object)
-            missing = pd.isna(values)
-            if missing.any():
+            bad = pd.isna(values) | np.array([_is_infinite(v) for v in values])
+            if bad.any():
                 raise ValueError(
-                    f"group column {col!r} has a missing value at row {int(np.argmax(missing))}"
+                    f"group column {col!r} holds NaN, None or infinity at row "
+                    f"{int(np.argmax(bad))}; every row needs a group label"
                 )
             groups.append(values)
+        names = [str(c) for c in frame.columns]
         feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
-        if not feature_positions and not positions:
-            raise ValueError("X has no columns; at least 1 is required.")
         features = np.empty((frame.shape[0], len(feature_positions)))
         for j, pos in enumerate(feature_positions):
-            column = frame.iloc[:, pos]
             try:
-                features[:, j] = pd.to_numeric(column, errors="raise").to_numpy(dtype=float)
+                features[:, j] = frame.iloc[:, pos].to_numpy(dtype="float64")
             except (ValueError, TypeError) as error:
-                raise ValueError(
-                    f"feature column {column_names[pos]!r} is not numeric ({error}); "
+                raise type(error)(
+                    f"feature column {names[pos]!r} is not numeric ({error}); "
                     "list it in `group_cols` if it is a grouping factor"
                 ) from None
             bad = ~np.isfinite(features[:, j])
             if bad.any():
                 raise ValueError(
-                    f"feature column {column_names[pos]!r} contains NaN or infinity "
+                    f"feature column {names[pos]!r} contains NaN or infinity "
                     f"(first at row {int(np.argmax(bad))})"
                 )
         return features, groups, cols
 
     @staticmethod
-    def _check_target(y, num_rows):
-        values = np.asarray(y)
-        if values.ndim == 2 and values.shape[1] == 1:
-            values = values[:, 0]
-        if values.ndim != 1:
-            raise ValueError(f"y must be 1-dimensional. Received shape {values.shape}")
-        if len(values) != num_rows:
-            raise ValueError(f"X has {num_rows} rows but y has {len(values)}")
-        try:
-            values = values.astype("float64")
-        except (ValueError, TypeError):
-            raise ValueError("y must be numeric for RandomEffectsRegressor") from None
-        bad = ~np.isfinite(values)
-        if bad.any():
-            raise ValueError(f"y contains NaN or infinity (first at row {int(np.argmax(bad))})")
-        return values
+    def _check_sample_weight(sample_weight, num_rows):
+        if sample_weight is None:
+            return None
+        weights = np.asarray(sample_weight, dtype="float64")
+        if weights.ndim != 1 or len(weights) != num_rows:
+            raise ValueError(
+                f"sample_weight must have shape ({num_rows},); got shape {weights.shape}"
+            )
+        if not np.all(np.isfinite(weights)) or (weights < 0).any():
+            raise ValueError("sample_weight must hold finite, non-negative values")
+        if not weights.any():
+            raise ValueError("sample_weight is zero for every row; nothing to fit")
+        return weights
 
     # ----------------------------------------------------------------------- encoding
     def _encode(self, X, reset):
@@ -334,37 +316,19 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         return _EncodedData(standardized, codes)
 
     # ----------------------------------------------------------------------- fitting
-    def fit(self, X, y, sample_weight=None):
-        """Fits the model to X (group columns and numeric features) and y."""
+    def _fit(self, X, y, sample_weight, callbacks):
+        """Validates, encodes, builds and trains the model; `y` is already 1-d."""
         self._check_params()
+        if self.early_stopping:
+            X, y, sample_weight, validation = self._hold_out(X, y, sample_weight)
         data = self._encode(X, reset=True)
-        target = self._check_target(y, len(data.features))
-        weights = None
-        if sample_weight is not None:
-            weights = np.asarray(sample_weight, dtype="float64").reshape(-1)
-            if (
-                len(weights) != len(target)
-                or not np.all(np.isfinite(weights))
-                or (weights < 0).any()
-            ):
-                raise ValueError(
-                    "sample_weight must hold one finite, non-negative value per row of X"
-                )
-        if self.family == "gaussian":
-            likelihood = Gaussian(initial_noise_scale=_INITIAL_NOISE_SCALE)
-            self._y_mean = float(target.mean())
-            y_scale = float(target.std())
-            self._y_scale = y_scale if y_scale > 0 else 1.0
-        else:
-            likelihood = get_likelihood(self.family)
-            target = likelihood.check_targets(target, weights)
-            self._y_mean, self._y_scale = 0.0, 1.0
-        model_y = ((target - self._y_mean) / self._y_scale).astype("float32")
-        initial_mean, row_information = self._initial_mean(target, weights)
+        weights = self._check_sample_weight(sample_weight, len(data.features))
+        likelihood, model_y = self._model_target(y, weights)
+        initial_mean, row_information = self._initial_mean(likelihood, model_y, weights)
 
-        num_rows = len(target)
+        num_rows = len(model_y)
         exact_finish = (
-            self.family == "gaussian" and not self.hidden_units and self.scale_prior is None
+            isinstance(likelihood, Gaussian) and not self.hidden_units and self.scale_prior is None
         )
         batch_size, epochs = default_schedule(num_rows, exact_finish)
         batch_size = min(self.batch_size or batch_size, num_rows)
@@ -407,11 +371,26 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         self.model_.compile(
             optimizer=keras.optimizers.Adam(schedule), steps_per_execution=steps_per_execution
         )
+        callbacks = list(callbacks or [])
+        validation_data = None
+        if self.early_stopping:
+            validation_data = self._validation_data(likelihood, *validation)
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    patience=self.n_iter_no_change, restore_best_weights=True
+                )
+            )
         start = time.perf_counter()
         history = self.model_.fit(
-            stream, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=self.verbose
+            stream,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=self.verbose,
         )
-        if self.family == "gaussian":
+        if isinstance(likelihood, Gaussian):
             network = self.model_.network
             refine_gaussian(
                 self.model_,
@@ -433,18 +412,49 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         self._read_posteriors()
         return self
 
-    def _initial_mean(self, target, weights):
+    def _hold_out(self, X, y, sample_weight):
+        """Splits off `validation_fraction` of the rows at random (seeded)."""
+        num_rows = len(y)
+        num_valid = int(round(self.validation_fraction * num_rows))
+        if num_valid < 1 or num_valid >= num_rows:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} leaves no training or no "
+                f"validation rows out of {num_rows}"
+            )
+        order = np.random.default_rng(self.random_state).permutation(num_rows)
+        train, valid = np.sort(order[num_valid:]), np.sort(order[:num_valid])
+
+        def rows(values, index):
+            if values is None:
+                return None
+            if isinstance(values, (pd.DataFrame, pd.Series)):
+                return values.iloc[index]
+            return np.asarray(values)[index]
+
+        validation = (rows(X, valid), rows(y, valid), rows(sample_weight, valid))
+        return rows(X, train), rows(y, train), rows(sample_weight, train), validation
+
+    def _validation_data(self, likelihood, X, y, sample_weight):
+        data = self._encode(X, reset=False)
+        target = likelihood.check_targets(np.asarray(y, dtype="float64"), sample_weight)
+        model_y = ((target - self._y_mean) / self._y_scale).astype("float32")
+        if sample_weight is None:
+            return data.model_inputs(), model_y
+        return data.model_inputs(), model_y, np.asarray(sample_weight, dtype="float32")
+
+    @staticmethod
+    def _initial_mean(likelihood, model_y, weights):
         """The starting response mean (the intercept starts at its link) and the Fisher
         information about eta of each row there, on the model's scale."""
-        weights = np.ones(len(target)) if weights is None else weights
-        if self.family == "gaussian":
+        weights = np.ones(len(model_y)) if weights is None else weights
+        if isinstance(likelihood, Gaussian):
             return 0.0, weights / _INITIAL_NOISE_SCALE**2
-        mean = float(np.sum(weights * target) / max(np.sum(weights), 1e-12))
-        if self.family == "binomial":
-            mean = min(max(mean, 1e-3), 1.0 - 1e-3)
-            return mean, weights * mean * (1.0 - mean)
-        mean = max(mean, 1e-3)
-        return mean, weights * mean
+        mean = float(np.sum(weights * model_y) / max(np.sum(weights), 1e-12))
+        if isinstance(likelihood, Poisson):
+            mean = max(mean, 1e-3)
+            return mean, weights * mean
+        mean = min(max(mean, 1e-3), 1.0 - 1e-3)
+        return mean, weights * mean * (1.0 - mean)
 
     def _initialise_offsets(self, codes, row_information):
         """Starts each group's posterior sd at its Laplace value at the starting point."""
@@ -455,9 +465,9 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
                 group_codes, weights=row_information, minlength=layer.num_groups
             )
             sd = 1.0 / np.sqrt(information + 1.0 / _INITIAL_GROUP_SCALE**2)
-            raw = sd + np.log(-np.expm1(-sd))  # inverse softplus
-            layer.offset_untransformed_scale.assign(raw[:, None].astype("float32"))
+            layer.offset_untransformed_scale.assign(inverse_softplus(sd)[:, None].astype("float32"))
 
+    # ----------------------------------------------------------------------- reading
     def _data_scale(self):
         """The affine map from the model's standardised parameters to the data's scale.
 
@@ -485,7 +495,7 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
             beta = np.zeros(0)
         fixed = shift + matrix @ np.concatenate([alpha, beta]).astype("float64")
         self.intercept_, self.coef_ = float(fixed[0]), fixed[1:]
-        if self.family == "gaussian":
+        if isinstance(self.model_.likelihood, Gaussian):
             self.noise_scale_ = response_scale * float(self.model_.likelihood.noise_scale())
         self.variance_components_ = {}
         self.random_effects_ = {}
@@ -498,7 +508,151 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
             table.index = levels.rename(col)
             self.random_effects_[col] = table
 
-    # ----------------------------------------------------------------------- prediction
+    def _posterior_mean_response(self, data):
+        """The response mean at the posterior means, on the model's scale.
+
+        The inverse link is applied in float64 to the network's float32 predictor, so a
+        row's value does not depend on where it sits in the batch (vectorised float32
+        exp/sigmoid kernels can differ in the last bit between positions).
+        """
+        eta = keras.ops.convert_to_tensor(_call_in_chunks(self.model_.network, data.model_inputs()))
+        return keras.ops.convert_to_numpy(self.model_.likelihood.call(eta)).astype("float64")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.string = True
+        tags.input_tags.categorical = True
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+
+def _call_in_chunks(model, inputs, chunk_size=65536):
+    """`model(inputs, training=False)` eagerly, chunk by chunk, as float64 of shape (n,).
+
+    The network validates its group ids itself in eager mode.
+
+    Eager calls skip tracing a predict function for every new estimator, and give the same
+    numbers for the same rows before and after pickling.
+    """
+    num_rows = len(inputs[0])
+    parts = [
+        keras.ops.convert_to_numpy(
+            model([values[start : start + chunk_size] for values in inputs], training=False)
+        )
+        for start in range(0, num_rows, chunk_size)
+    ]
+    return np.concatenate(parts)[:, 0].astype("float64")
+
+
+def _is_infinite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isinf(value)
+
+
+class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
+    __doc__ = (
+        """A Bayesian (generalised) linear mixed model, or random-effects neural network.
+
+        eta = alpha + sum_k b_k[group_k] + x . beta + f(x),     b_k ~ Normal(0, sigma_k)
+        gaussian: y ~ Normal(eta, noise_scale)
+        binomial: y = proportion of n trials, n y ~ Binomial(n, sigmoid(eta))
+        poisson:  y ~ Poisson(exp(eta))
+        alpha ~ Normal(0, prior_scale), beta ~ Normal(0, prior_scale)
+
+    Fitted by variational inference on the ELBO through Keras `fit`. Features are
+    standardised internally; for "gaussian" y is standardised too and training ends with
+    exact coordinate-ascent updates (`reffects.exact_updates`); for the other families y is
+    not, so `prior_scale` is on the logit or log scale, as in Statistical Rethinking's m13.2
+    (`prior_scale=1.5, scale_prior="exponential"`). Every estimate is reported on the data's
+    scale (the link scale for the other families).
+
+    Parameters
+    ----------
+    family : "gaussian", "binomial" or "poisson"
+        For "binomial", y is the proportion of successes and `sample_weight` the number of
+        trials of each row (1 when none is given), as in R's `glm`."""
+        + _SHARED_PARAMETERS
+        + """
+    Attributes
+    ----------"""
+        + _SHARED_ATTRIBUTES
+        + """    noise_scale_ : float, "gaussian" only
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = pd.DataFrame({"school": rng.choice(["a", "b", "c"], 300), "x": rng.normal(size=300)})
+    >>> y = X["school"].map({"a": -1.0, "b": 0.0, "c": 1.0}) + 2 * X["x"] + rng.normal(size=300)
+    >>> est = RandomEffectsRegressor(group_cols=["school"], random_state=0).fit(X, y)
+    >>> bool(abs(est.coef_[0] - 2.0) < 0.2)
+    True
+    >>> mean, sd = est.predict(X.head(2), return_std=True)
+    """
+    )
+
+    def __init__(
+        self,
+        *,
+        group_cols=None,
+        hidden_units=(),
+        family: str = "gaussian",
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        learning_rate: float = 0.01,
+        scale_prior=None,
+        prior_scale: float = 10.0,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        random_state: int | None = None,
+        verbose: int = 0,
+    ):
+        self.group_cols = group_cols
+        self.hidden_units = hidden_units
+        self.family = family
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.scale_prior = scale_prior
+        self.prior_scale = prior_scale
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y, sample_weight=None, *, callbacks=None):
+        """Fits the model to X (group columns and numeric features) and y.
+
+        `callbacks` are Keras callbacks passed on to `fit`.
+        """
+        if self.family not in _FAMILIES:
+            raise ValueError(
+                f"`family` must be one of {', '.join(map(repr, _FAMILIES))}. "
+                f"Received: family={self.family!r}"
+            )
+        X = self._as_frame(X)
+        return self._fit(X, _target_vector(self, y, X), sample_weight, callbacks)
+
+    def _model_target(self, y, weights):
+        """The likelihood and y on the model's scale (standardised for "gaussian")."""
+        try:
+            target = np.asarray(y, dtype="float64")
+        except (ValueError, TypeError):
+            raise ValueError("y must be numeric for RandomEffectsRegressor") from None
+        bad = ~np.isfinite(target)
+        if bad.any():
+            raise ValueError(f"y contains NaN or infinity (first at row {int(np.argmax(bad))})")
+        if self.family == "gaussian":
+            likelihood = Gaussian(initial_noise_scale=_INITIAL_NOISE_SCALE)
+            self._y_mean = float(target.mean())
+            y_scale = float(target.std())
+            self._y_scale = y_scale if y_scale > 0 else 1.0
+        else:
+            likelihood = get_likelihood(self.family)
+            target = likelihood.check_targets(target, weights)
+            self._y_mean, self._y_scale = 0.0, 1.0
+        return likelihood, ((target - self._y_mean) / self._y_scale).astype("float32")
+
     def predict(self, X, return_std: bool = False, trials=None):
         """Predictions at the posterior means; with `return_std`, also the predictive sd.
 
@@ -511,10 +665,7 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self, "model_")
         data = self._encode(X, reset=False)
-        mean = self.model_.predict(data.model_inputs(), batch_size=8192, verbose=0)[:, 0].astype(
-            "float64"
-        )
-        mean = self._y_mean + self._y_scale * mean
+        mean = self._y_mean + self._y_scale * self._posterior_mean_response(data)
         if not return_std:
             return mean
         if self.family == "gaussian":
@@ -570,28 +721,134 @@ class RandomEffectsRegressor(RegressorMixin, BaseEstimator):
         self.model_.likelihood.check_targets(np.zeros(num_rows), trials)
         return trials
 
-    def _fixed_part_variance(self, data):
-        """Posterior variance of alpha + x . beta per row, on the standardised scale."""
+    def _predictive_variance(self, data):
+        """Var(y_new) on the standardised scale: q's variance of eta plus the noise."""
         network = self.model_.network
         intercept_sd = network.get_layer("global_intercept").posterior().scale.numpy()[0]
         variance = np.full(len(data.features), float(intercept_sd) ** 2)
         if data.features.shape[1]:
             kernel_sd = network.get_layer("fixed_effects").posterior().scale.numpy()[:, 0]
             variance += np.square(data.features) @ np.square(kernel_sd)
-        return variance
-
-    def _predictive_variance(self, data):
-        """Var(y_new) on the standardised scale: q's variance of eta plus the noise."""
-        network = self.model_.network
-        variance = self._fixed_part_variance(data)
         variance += float(self.model_.likelihood.noise_scale()) ** 2
         for k, group_codes in enumerate(data.codes):
             offset = network.get_layer(f"random_intercept_{k}").posterior()["offset"]
             variance += offset.scale.numpy()[group_codes, 0] ** 2
         return variance
 
+
+class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
+    __doc__ = (
+        """A Bayesian logistic mixed model, or random-effects neural network, for two classes.
+
+        logit P(y = classes_[1]) = alpha + sum_k b_k[group_k] + x . beta + f(x)
+        b_k ~ Normal(0, sigma_k),   alpha ~ Normal(0, prior_scale),   beta ~ Normal(0, prior_scale)
+
+    Fitted by variational inference on the ELBO through Keras `fit` with a Bernoulli
+    likelihood. Labels may be any two values (strings too); more than two classes is an
+    error. Estimates are on the logit scale.
+
+    Parameters
+    ----------"""
+        + _SHARED_PARAMETERS
+        + """
+    Attributes
+    ----------
+    classes_ : ndarray of the two labels, sorted"""
+        + _SHARED_ATTRIBUTES
+        + """
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = pd.DataFrame({"clinic": rng.choice(["a", "b", "c"], 400), "x": rng.normal(size=400)})
+    >>> logit = X["clinic"].map({"a": -1.0, "b": 0.0, "c": 1.0}) + 2 * X["x"]
+    >>> y = np.where(rng.random(400) < 1 / (1 + np.exp(-logit)), "sick", "well")
+    >>> clf = RandomEffectsClassifier(group_cols=["clinic"], random_state=0).fit(X, y)
+    >>> clf.classes_.tolist(), clf.predict_proba(X.head(2)).shape
+    (['sick', 'well'], (2, 2))
+    """
+    )
+
+    def __init__(
+        self,
+        *,
+        group_cols=None,
+        hidden_units=(),
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        learning_rate: float = 0.01,
+        scale_prior=None,
+        prior_scale: float = 10.0,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        n_iter_no_change: int = 10,
+        random_state: int | None = None,
+        verbose: int = 0,
+    ):
+        self.group_cols = group_cols
+        self.hidden_units = hidden_units
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.scale_prior = scale_prior
+        self.prior_scale = prior_scale
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def fit(self, X, y, sample_weight=None, *, callbacks=None):
+        """Fits the model to X (group columns and numeric features) and labels y.
+
+        `callbacks` are Keras callbacks passed on to `fit`.
+        """
+        X = self._as_frame(X)
+        y = _target_vector(self, y, X)
+        check_classification_targets(y)
+        classes = np.unique(y)
+        if len(classes) != 2:
+            kind = f"{len(classes)} classes" if len(classes) > 2 else "only 1 class"
+            raise ValueError(
+                "Only binary classification is supported: RandomEffectsClassifier is a "
+                f"Bernoulli model and needs exactly 2 classes in y; got {kind}: "
+                f"{classes.tolist()[:10]}"
+            )
+        self.classes_ = classes
+        return self._fit(X, y, sample_weight, callbacks)
+
+    def _model_target(self, y, weights):
+        self._y_mean, self._y_scale = 0.0, 1.0
+        return Bernoulli(), (np.asarray(y) == self.classes_[1]).astype("float32")
+
+    def predict_proba(self, X):
+        """Class probabilities at the posterior means: shape (n, 2), columns `classes_`."""
+        check_is_fitted(self, "model_")
+        p = self._posterior_mean_response(self._encode(X, reset=False))
+        return np.column_stack([1.0 - p, p])
+
+    def decision_function(self, X):
+        """The logit of P(y = classes_[1]) at the posterior means, shape (n,)."""
+        check_is_fitted(self, "model_")
+        return _call_in_chunks(self.model_.network, self._encode(X, reset=False).model_inputs())
+
+    def predict(self, X):
+        """The more probable class of each row."""
+        check_is_fitted(self, "model_")
+        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.string = True
-        tags.input_tags.categorical = True
+        tags.classifier_tags.multi_class = False
         return tags
+
+
+def _target_vector(estimator, y, X):
+    """y as a 1-d array with one entry per row of X, as scikit-learn checks it."""
+    if y is None:
+        raise ValueError(
+            f"{type(estimator).__name__} requires y to be passed, but the target y is None"
+        )
+    y = column_or_1d(np.asarray(y), warn=True)
+    if len(y) != len(X):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    return y

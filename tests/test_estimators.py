@@ -189,7 +189,7 @@ def test_nan_and_inf_are_errors_that_name_the_column(data):
     _bad(X, with_inf, r"y contains NaN or infinity \(first at row 7\)")
     missing_group = X.copy()
     missing_group.loc[2, "group_0"] = None
-    _bad(missing_group, y, "group column 'group_0' has a missing value at row 2")
+    _bad(missing_group, y, "group column 'group_0' holds NaN, None or infinity at row 2")
 
 
 def test_shape_and_column_errors(data):
