@@ -81,20 +81,40 @@ def _group_factor(layer, ids, weights):
     }
 
 
-def _update_factor(factor, residual, weights, noise_variance):
-    """Exact q(b_k) given the residual without factor k; EM on sigma_k when it is a point."""
+def _update_factor(factor, residual, weights, noise_variance, intercept_prior=None):
+    """Exact q(b_k), with EM on sigma_k when it is a point, given the residual without k.
+
+    With `intercept_prior = (mean, precision)` the residual also leaves out the intercept,
+    which is solved jointly with the offsets: with the offsets integrated out, group g's
+    mean residual is Normal(alpha, sigma_k^2 + sigma_y^2 / W_g), so alpha is their
+    precision-weighted mean, and q(b_k[g]) shrinks the group's residual around it. One
+    step then does what alternating alpha and b_k does in many (their sum is a flat
+    direction). Returns the largest change of an offset and the intercept (or None).
+    """
     ids, seen = factor["ids"], factor["seen"]
     weighted_sum = np.bincount(ids, weights * residual, minlength=len(seen))
+    weight = factor["weight"][seen]
+    alpha = 0.0
     for _ in range(200):
+        group_mean_variance = factor["scale"] ** 2 + noise_variance / weight
+        intercept_precision = np.sum(1.0 / group_mean_variance)
+        if intercept_prior is not None:
+            prior_mean, prior_precision = intercept_prior
+            intercept_precision += prior_precision
+            group_means = weighted_sum[seen] / weight
+            alpha = (
+                np.sum(group_means / group_mean_variance) + prior_mean * prior_precision
+            ) / intercept_precision
         precision = factor["weight"] / noise_variance + factor["inverse_variance"]
-        mean = np.where(seen, weighted_sum / noise_variance / precision, 0.0)
+        mean = np.where(seen, (weighted_sum - alpha * factor["weight"]) / noise_variance, 0.0)
+        mean /= precision
         sd = precision**-0.5
         if factor["layer"].scale_prior is not None:
             break  # sigma_k has its own posterior, fitted by SGD
-        weight = factor["weight"][seen]
-        intercept_variance = 1.0 / np.sum(1.0 / (factor["scale"] ** 2 + noise_variance / weight))
+        # The intercept integrated out jointly with the offsets adds shrinkage^2 Var(alpha)
+        # to E[b^2]: REML's correction of ML's sigma_k.
         shrinkage = weight / noise_variance / precision[seen]
-        second_moment = mean[seen] ** 2 + sd[seen] ** 2 + shrinkage**2 * intercept_variance
+        second_moment = mean[seen] ** 2 + sd[seen] ** 2 + shrinkage**2 / intercept_precision
         new_scale = float(np.sqrt(np.mean(second_moment)))
         converged = abs(new_scale - factor["scale"]) < _TOLERANCE * factor["scale"]
         factor["scale"], factor["inverse_variance"] = new_scale, new_scale**-2
@@ -102,7 +122,7 @@ def _update_factor(factor, residual, weights, noise_variance):
             break
     change = float(np.max(np.abs(mean - factor["mean"])))
     factor["mean"], factor["sd"] = mean, sd
-    return change
+    return change, (alpha if intercept_prior is not None else None)
 
 
 def refine_gaussian(
@@ -146,7 +166,7 @@ def refine_gaussian(
         raise ValueError("exact updates need a Gaussian likelihood")
     y = np.asarray(y, dtype="float64").reshape(-1)
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
-    eta = np.asarray(model.predict(x, batch_size=8192, verbose=0), dtype="float64").reshape(-1)
+    eta = np.asarray(model.network.predict(x, batch_size=8192, verbose=0), "float64").reshape(-1)
     noise_variance = float(model.likelihood.noise_scale()) ** 2
     factors = [_group_factor(layer, ids, weights) for layer, ids in group_ids.items()]
     linear = _linear_part(intercept, fixed_effects, features, len(y))
@@ -176,7 +196,18 @@ def refine_gaussian(
         for factor in factors:
             others = offsets - factor["mean"][factor["ids"]]
             residual = y - held - fitted_linear - others
-            change = max(change, _update_factor(factor, residual, weights, noise_variance))
+            intercept_prior = None
+            if linear is not None and factor["seen"].any():
+                residual += linear["mean"][0]
+                intercept_prior = (linear["prior_loc"][0], linear["prior_precision"][0])
+            factor_change, alpha = _update_factor(
+                factor, residual, weights, noise_variance, intercept_prior
+            )
+            if alpha is not None:
+                change = max(change, abs(alpha - linear["mean"][0]))
+                fitted_linear = fitted_linear + (alpha - linear["mean"][0])
+                linear["mean"][0] = alpha
+            change = max(change, factor_change)
             offsets = others + factor["mean"][factor["ids"]]
         group_variance = sum(f["sd"][f["ids"]] ** 2 for f in factors)
         squared_error = (y - held - fitted_linear - offsets) ** 2 + group_variance
