@@ -20,6 +20,24 @@ def grouped_regression(num_rows, num_groups, num_features=10, seed=0):
     return features, groups.astype("int64"), y.astype("float32")
 
 
+def grouped_regression_chunks(num_rows, num_groups, num_features=10, chunk_rows=250_000, seed=0):
+    """`grouped_regression`'s model, `chunk_rows` rows at a time, for data larger than memory.
+
+    One draw of the group sizes, offsets and coefficients serves every chunk, so the chunks
+    together are one data set of `num_rows` rows. Yields (features, group ids, y).
+    """
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, 1.0, num_groups)
+    offsets = rng.normal(0.0, 0.7, num_groups)
+    coef = rng.normal(0.0, 0.5, num_features)
+    for start in range(0, num_rows, chunk_rows):
+        size = min(chunk_rows, num_rows - start)
+        groups = rng.choice(num_groups, size=size, p=weights / weights.sum())
+        features = rng.normal(size=(size, num_features)).astype("float32")
+        y = 1.0 + offsets[groups] + features @ coef + rng.normal(0.0, 1.0, size)
+        yield features, groups.astype("int64"), y.astype("float32")
+
+
 def _inputs(num_features):
     return (
         keras.Input(shape=(num_features,), name="x"),
@@ -36,13 +54,13 @@ def plain_keras_model(num_features, num_groups):
     return model
 
 
-def reffects_model(num_features, num_groups):
-    """The same structure with variational layers, trained on the ELBO."""
+def reffects_model(num_features, num_groups, num_examples=None):
+    """The same structure with variational layers, trained on the ELBO (N stated for streams)."""
     x, g = _inputs(num_features)
     eta = keras.layers.Add()(
         [GlobalIntercept()(x), RandomIntercept(num_groups)(g), FixedEffects()(x)]
     )
-    model = ELBOModel(keras.Model([x, g], eta), likelihood="gaussian")
+    model = ELBOModel(keras.Model([x, g], eta), likelihood="gaussian", num_examples=num_examples)
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     return model
 

@@ -19,7 +19,9 @@ from reffects.posteriors import (
     normal_kl,
     normal_summary,
     positive,
+    training_noise,
 )
+from reffects.streaming import count_groups
 
 tfd = tfp.distributions
 
@@ -108,7 +110,7 @@ class GlobalIntercept(keras.layers.Layer):
         self.add_loss(ops.sum(normal_kl(loc, scale, self.prior_loc, self.prior_scale)))
         shape = (ops.shape(inputs)[0], self.units)
         if training:
-            return loc + scale * keras.random.normal(shape, seed=self.seed_generator)
+            return loc + scale * training_noise(shape, self.seed_generator)
         return ops.broadcast_to(loc, shape)
 
     def compute_output_shape(self, input_shape):
@@ -217,7 +219,7 @@ class FixedEffects(keras.layers.Layer):
         if not training:
             return mean
         variance = ops.matmul(ops.square(inputs), ops.square(scale))
-        noise = keras.random.normal(ops.shape(mean), seed=self.seed_generator)
+        noise = training_noise(ops.shape(mean), self.seed_generator)
         return mean + ops.sqrt(variance + 1e-12) * noise
 
     def compute_output_shape(self, input_shape):
@@ -348,11 +350,20 @@ class RandomIntercept(keras.layers.Layer):
         )
 
     def adapt(self, group_ids):
-        """Records each group's count in the training data (n_g of the KL scaling)."""
-        ids = self.validate_ids(group_ids)
+        """Records each group's count in the training data (n_g of the KL scaling).
+
+        Args:
+            group_ids: the training rows' group ids: an array, or a `tf.data.Dataset` of id
+                tensors (batches count fastest), which is read once in constant memory
+                (`reffects.streaming.count_groups`).
+        """
+        if isinstance(group_ids, tf.data.Dataset):
+            counts = count_groups(group_ids, self.num_groups)
+        else:
+            counts = np.bincount(self.validate_ids(group_ids), minlength=self.num_groups)
         if not self.built:
             self.build((None,))
-        self.group_counts.assign(np.bincount(ids, minlength=self.num_groups).astype("float32"))
+        self.group_counts.assign(counts.astype("float32"))
 
     @property
     def is_adapted(self) -> bool:
@@ -455,7 +466,7 @@ class RandomIntercept(keras.layers.Layer):
             row_kl = ops.sum(self._offset_kl(loc, scale), axis=-1) / ops.maximum(counts, 1.0)
             kl = ops.sum(self.group_counts) * ops.mean(row_kl)
             self.add_loss(kl + self._hyperprior_kl())
-            noise = keras.random.normal(ops.shape(loc), seed=self.seed_generator)
+            noise = training_noise(ops.shape(loc), self.seed_generator)
             return loc + scale * noise
         all_kl = ops.sum(
             self._offset_kl(self.offset_loc, positive(self.offset_untransformed_scale)), axis=-1

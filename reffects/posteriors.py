@@ -15,6 +15,7 @@ from statistics import NormalDist
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 SCALE_FLOOR = 1e-5
@@ -50,6 +51,22 @@ def add_normal_posterior(layer, name, shape, loc_initializer, scale):
         initializer=keras.initializers.Constant(inverse_softplus(scale)),
     )
     return loc, untransformed_scale
+
+
+def training_noise(shape, seed_generator):
+    """Standard Normal noise for the draws a layer makes in training.
+
+    Under a `tf.distribute` strategy every replica holds the same seed generator state, so
+    `keras.random.normal` would draw the same noise on each replica's rows; folding the
+    replica id into the seed makes the replicas' draws independent, as one device's draws
+    for the whole global batch are. With one replica this is `keras.random.normal`.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return keras.random.normal(shape, seed=seed_generator)
+    replica = tf.cast(context.replica_id_in_sync_group, "int64")
+    seed = tf.random.experimental.stateless_fold_in(seed_generator.next(), replica)
+    return tf.random.stateless_normal(shape, seed=seed)
 
 
 def normal_kl(loc_q, scale_q, loc_p, scale_p):

@@ -12,6 +12,12 @@ estimate of the full-data one and the optimum does not depend on the batch size.
 
 Posterior predictive draws come from `sample_predictive` and `predict_interval`, which run a
 copy of the network whose variational layers draw from q; `predict` stays deterministic.
+
+Under a `tf.distribute` strategy (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) create
+and compile the model inside `strategy.scope()`. Each replica's loss estimates the negative
+ELBO per example from its share of the global batch and is divided by the number of replicas,
+as Keras's own losses are, so training follows the same objective as on one device with the
+same global batch; the layers draw independent noise on each replica.
 """
 
 import math
@@ -31,6 +37,10 @@ def _is_stream(x) -> bool:
     return isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)) or hasattr(x, "__next__")
 
 
+def _is_multi_worker(strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 @keras.saving.register_keras_serializable(package="reffects")
 class ELBOModel(keras.Model):
     """Trains a network of variational layers on the ELBO through `model.fit`.
@@ -38,7 +48,9 @@ class ELBOModel(keras.Model):
     `fit` finds N from in-memory data (less a `validation_split`) and records the training
     count of each group for every `RandomIntercept` whose ids are a network input. For a
     `tf.data.Dataset` or other stream, state N with `num_examples` and call
-    `RandomIntercept.adapt` on the training ids first; a missing N is an error.
+    `RandomIntercept.adapt` on the training ids first (an array, or a dataset of ids read in
+    one pass: see `reffects.streaming`); a missing N, or counts that do not sum to N, is an
+    error. Under a `tf.distribute` strategy, create and compile the model in its scope.
 
     `predict` (and `training=False`) returns the response mean (a probability for Bernoulli
     and Binomial, a rate for Poisson) at the posterior means and is deterministic; `evaluate`
@@ -96,6 +108,22 @@ class ELBOModel(keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         self.optimizer.build(self.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 cannot `fit` any model under MultiWorkerMirroredStrategy
+        # (keras-team/keras#20585): here it averages the first distributed batch across
+        # replicas with `strategy.reduce` only to learn the input shapes and dtypes, and the
+        # collective reduce rejects nested batches. The first local replica's batch has the
+        # same shapes and dtypes. (The other half of the fix is in `compute_metrics`.)
+        strategy = self._distribute_strategy
+        if iterator is not None and _is_multi_worker(strategy):
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda value: strategy.experimental_local_results(value)[0], next(batches)
+                )
+                break
+            iterator = None
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def variational_layers(self) -> list:
         """The layers whose `add_loss` terms are KL estimates."""
         return [layer for layer in self._flatten_layers() if isinstance(layer, VARIATIONAL_LAYERS)]
@@ -116,7 +144,24 @@ class ELBOModel(keras.Model):
         total = nll + kl
         if others:
             total = total + ops.sum(ops.stack(others))
-        return total
+        # Keras's convention under tf.distribute: each replica returns its loss divided by
+        # the number of replicas, the gradients are summed across replicas and the reported
+        # loss is multiplied back. Each replica's nll + kl estimates the per-example negative
+        # ELBO from its share of the global batch, so the sum is their mean: the estimate
+        # one device would make from the whole batch, with the KL counted once.
+        return total / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        results = super().compute_metrics(x, y, y_pred, sample_weight)
+        if _is_multi_worker(self.distribute_strategy):
+            # Keras averages each replica's metric values with
+            # `strategy.reduce("MEAN", value, axis=0)` under MultiWorkerMirroredStrategy,
+            # which fails on scalars (keras-team/keras#20585); give them that axis.
+            results = {
+                name: ops.reshape(value, (1,)) if ops.ndim(value) == 0 else value
+                for name, value in results.items()
+            }
+        return results
 
     def fit(self, x=None, y=None, **kwargs):
         """`keras.Model.fit`, after checking y and recording N and the group counts."""
@@ -133,7 +178,7 @@ class ELBOModel(keras.Model):
             )
         self._check_targets(y, kwargs.get("sample_weight"))
         self.training_size.assign(float(size))
-        self._adapt_group_layers(train_x)
+        self._adapt_group_layers(train_x, size)
         return super().fit(x, y, **kwargs)
 
     def evaluate(self, x=None, y=None, **kwargs):
@@ -196,7 +241,7 @@ class ELBOModel(keras.Model):
                     source = None
                 yield layer, values.get(source)
 
-    def _adapt_group_layers(self, train_x):
+    def _adapt_group_layers(self, train_x, size):
         for layer, ids in self._group_ids_by_layer(train_x):
             if ids is not None:
                 layer.adapt(np.asarray(ids))
@@ -205,6 +250,13 @@ class ELBOModel(keras.Model):
                     f"RandomIntercept '{layer.name}' needs the training count of each group "
                     "and its ids are not an in-memory network input; call "
                     "layer.adapt(training_group_ids) before fit."
+                )
+            counted = np.sum(ops.convert_to_numpy(layer.group_counts), dtype="float64")
+            if counted != size:
+                raise ValueError(
+                    f"RandomIntercept '{layer.name}' was adapted on {counted:.0f} rows but fit "
+                    f"trains on N={size}; adapt it on the group ids of exactly the training "
+                    "rows (the per-row KL is scaled by those counts)."
                 )
 
     def get_config(self):

@@ -32,3 +32,12 @@ def test_imdb_smoke(capsys):
     out = capsys.readouterr().out
     assert "reffects REMNN (layers, subnetwork on continuous)" in out
     assert "CatBoost (published" in out
+
+
+def test_streaming_smoke(capsys):
+    _load("streaming").main(
+        "--rows 3000 --groups 50 --chunk-rows 1000 --batch-size 512 --same-process "
+        "--no-append".split()
+    )
+    out = capsys.readouterr().out
+    assert "peak RSS fit MB" in out and "3,000" in out
