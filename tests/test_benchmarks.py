@@ -15,6 +15,9 @@ def _load(name):
     return module
 
 
+# The two scripts below build 5 to 9 Keras models each even at smoke size (30-80 s on two
+# cores): they run with `pytest -m slow`; the other benchmark scripts run by default.
+@pytest.mark.slow
 def test_remnn_simulation_smoke(capsys):
     _load("remnn_simulation").main(
         "--rows 1500 --groups 30 --variances 1 --binary-groups 30 --repeats 1 "
@@ -24,6 +27,7 @@ def test_remnn_simulation_smoke(capsys):
     assert "oracle (true f and sigma_b)" in out and "AUC" in out and "test MSE" in out
 
 
+@pytest.mark.slow
 def test_imdb_smoke(capsys):
     imdb = _load("imdb")
     if not (imdb.DEFAULT_DATA / "imdb.csv.gz").exists():
@@ -41,3 +45,28 @@ def test_streaming_smoke(capsys):
     )
     out = capsys.readouterr().out
     assert "peak RSS fit MB" in out and "3,000" in out
+
+
+def test_reml_recovery_smoke(capsys):
+    _load("reml_recovery").main("--sizes 400 --repeats 1 --no-append".split())
+    out = capsys.readouterr().out
+    assert "sleepstudy" in out and "reffects defaults" in out
+
+
+def test_lmm_tools_smoke(capsys):
+    _load("lmm_tools").main(
+        ["--rows", "3000", "--groups", "100", "--no-append", "--tools"]
+        + ["statsmodels MixedLM (REML)", "reffects defaults"]
+    )
+    assert "sigma vs REML" in capsys.readouterr().out
+
+
+def test_overhead_and_groups_scale_smoke(capsys):
+    _load("overhead").main(
+        "--rows 4000 --groups 50 --epochs 2 --repeats 1 --batch-sizes 1024 --no-append".split()
+    )
+    _load("groups_scale").main(
+        "--rows 4000 --groups 10 1000 --epochs 2 --repeats 1 --no-append".split()
+    )
+    out = capsys.readouterr().out
+    assert "ratio" in out and "ratio to first" in out
