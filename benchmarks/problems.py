@@ -54,14 +54,17 @@ def plain_keras_model(num_features, num_groups):
     return model
 
 
-def reffects_model(num_features, num_groups, num_examples=None):
-    """The same structure with variational layers, trained on the ELBO (N stated for streams)."""
+def reffects_model(num_features, num_groups, num_examples=None, optimizer=None):
+    """The same structure with variational layers, trained on the ELBO (N stated for streams).
+
+    `optimizer` defaults to Keras's Adam(0.01), as the plain Keras model uses.
+    """
     x, g = _inputs(num_features)
     eta = keras.layers.Add()(
         [GlobalIntercept()(x), RandomIntercept(num_groups)(g), FixedEffects()(x)]
     )
     model = ELBOModel(keras.Model([x, g], eta), likelihood="gaussian", num_examples=num_examples)
-    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(0.01))
     return model
 
 

@@ -3,6 +3,7 @@
 from reffects.estimators import RandomEffectsClassifier, RandomEffectsRegressor
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.likelihoods import Bernoulli, Binomial, Gaussian, Poisson
+from reffects.optimizers import LazyAdam
 from reffects.posteriors import Exponential, HalfNormal
 from reffects.streaming import count_groups
 from reffects.training import ELBOModel, predict_interval, sample_predictive
@@ -18,6 +19,7 @@ __all__ = [
     "Gaussian",
     "GlobalIntercept",
     "HalfNormal",
+    "LazyAdam",
     "Poisson",
     "RandomIntercept",
     "count_groups",

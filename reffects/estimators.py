@@ -18,8 +18,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from reffects.exact_updates import refine_gaussian
+from reffects.glmm_updates import refine_glmm
 from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
-from reffects.models import build_mixed_model, centre_random_intercepts
+from reffects.models import build_mixed_model
 from reffects.posteriors import inverse_softplus
 from reffects.training import predict_interval, sample_predictive
 
@@ -41,9 +42,10 @@ def default_schedule(num_rows: int, exact_finish: bool = False) -> tuple[int, in
 
     Batches of at most 1024 rows, at least 10 per epoch; about 4,000 optimizer steps in all,
     but never fewer than 10 epochs (each group's offsets only move when its rows are drawn).
-    With `exact_finish` (a linear Gaussian model with point-estimate scales, which the exact
-    updates of `reffects.exact_updates` solve in full after SGD) SGD is only a warm start:
-    about 500 steps, at least one epoch.
+    With `exact_finish` (a model without a subnetwork, which the coordinate-ascent finish
+    after SGD solves in full: `reffects.exact_updates` for a Gaussian model with
+    point-estimate scales, `reffects.glmm_updates` for the other families) SGD is only a
+    warm start: about 500 steps, at least one epoch.
 
     Example:
         >>> default_schedule(100)
@@ -327,8 +329,10 @@ class _MixedModelEstimator(BaseEstimator):
         initial_mean, row_information = self._initial_mean(likelihood, model_y, weights)
 
         num_rows = len(model_y)
-        exact_finish = (
-            isinstance(likelihood, Gaussian) and not self.hidden_units and self.scale_prior is None
+        # The finish solves a linear predictor's model in full, except q(sigma_k) of a
+        # Gaussian model with a hyperprior, which only SGD fits.
+        exact_finish = not self.hidden_units and (
+            not isinstance(likelihood, Gaussian) or self.scale_prior is None
         )
         batch_size, epochs = default_schedule(num_rows, exact_finish)
         batch_size = min(self.batch_size or batch_size, num_rows)
@@ -390,23 +394,21 @@ class _MixedModelEstimator(BaseEstimator):
             shuffle=False,
             verbose=self.verbose,
         )
-        if isinstance(likelihood, Gaussian):
-            network = self.model_.network
-            refine_gaussian(
-                self.model_,
-                data.model_inputs(),
-                model_y,
-                {
-                    network.get_layer(f"random_intercept_{k}"): codes
-                    for k, codes in enumerate(data.codes)
-                },
-                sample_weight=weights,
-                intercept=network.get_layer("global_intercept"),
-                fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
-                features=data.features,
-            )
-        else:
-            centre_random_intercepts(self.model_)
+        network = self.model_.network
+        refine = refine_gaussian if isinstance(likelihood, Gaussian) else refine_glmm
+        refine(
+            self.model_,
+            data.model_inputs(),
+            model_y,
+            {
+                network.get_layer(f"random_intercept_{k}"): codes
+                for k, codes in enumerate(data.codes)
+            },
+            sample_weight=weights,
+            intercept=network.get_layer("global_intercept"),
+            fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
+            features=data.features,
+        )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history.history
         self._read_posteriors()
@@ -558,10 +560,12 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         poisson:  y ~ Poisson(exp(eta))
         alpha ~ Normal(0, prior_scale), beta ~ Normal(0, prior_scale)
 
-    Fitted by variational inference on the ELBO through Keras `fit`. Features are
-    standardised internally; for "gaussian" y is standardised too and training ends with
-    exact coordinate-ascent updates (`reffects.exact_updates`); for the other families y is
-    not, so `prior_scale` is on the logit or log scale, as in Statistical Rethinking's m13.2
+    Fitted by variational inference on the ELBO through Keras `fit`, which ends with
+    coordinate-ascent updates to the ELBO's optimum of everything but a subnetwork (and
+    q(sigma_k) of "gaussian" with a `scale_prior`): `reffects.exact_updates` for
+    "gaussian", `reffects.glmm_updates` otherwise. Features are standardised internally;
+    for "gaussian" y is standardised too; for the other families y is not, so
+    `prior_scale` is on the logit or log scale, as in Statistical Rethinking's m13.2
     (`prior_scale=1.5, scale_prior="exponential"`). Every estimate is reported on the data's
     scale (the link scale for the other families).
 
@@ -744,8 +748,9 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         b_k ~ Normal(0, sigma_k),   alpha ~ Normal(0, prior_scale),   beta ~ Normal(0, prior_scale)
 
     Fitted by variational inference on the ELBO through Keras `fit` with a Bernoulli
-    likelihood. Labels may be any two values (strings too); more than two classes is an
-    error. Estimates are on the logit scale.
+    likelihood, ending with coordinate-ascent updates to the ELBO's optimum of everything
+    but a subnetwork (`reffects.glmm_updates`). Labels may be any two values (strings
+    too); more than two classes is an error. Estimates are on the logit scale.
 
     Parameters
     ----------"""

@@ -94,14 +94,15 @@ def _update_factor(factor, residual, weights, noise_variance, intercept_prior=No
     ids, seen = factor["ids"], factor["seen"]
     weighted_sum = np.bincount(ids, weights * residual, minlength=len(seen))
     weight = factor["weight"][seen]
+    weighted = weight > 0  # a group whose rows all have weight 0 says nothing about alpha
     alpha = 0.0
     for _ in range(200):
-        group_mean_variance = factor["scale"] ** 2 + noise_variance / weight
+        group_mean_variance = factor["scale"] ** 2 + noise_variance / weight[weighted]
         intercept_precision = np.sum(1.0 / group_mean_variance)
         if intercept_prior is not None:
             prior_mean, prior_precision = intercept_prior
             intercept_precision += prior_precision
-            group_means = weighted_sum[seen] / weight
+            group_means = weighted_sum[seen][weighted] / weight[weighted]
             alpha = (
                 np.sum(group_means / group_mean_variance) + prior_mean * prior_precision
             ) / intercept_precision

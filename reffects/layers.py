@@ -348,6 +348,10 @@ class RandomIntercept(keras.layers.Layer):
             initializer="zeros",
             trainable=False,
         )
+        # sum(group_counts), kept so that a training step never reads every group.
+        self.total_count = self.add_weight(
+            name="total_count", shape=(), initializer="zeros", trainable=False
+        )
 
     def adapt(self, group_ids):
         """Records each group's count in the training data (n_g of the KL scaling).
@@ -364,6 +368,7 @@ class RandomIntercept(keras.layers.Layer):
         if not self.built:
             self.build((None,))
         self.group_counts.assign(counts.astype("float32"))
+        self.total_count.assign(float(counts.sum()))
 
     @property
     def is_adapted(self) -> bool:
@@ -464,7 +469,7 @@ class RandomIntercept(keras.layers.Layer):
         counts = ops.take(self.group_counts, ids, axis=0)
         if training:
             row_kl = ops.sum(self._offset_kl(loc, scale), axis=-1) / ops.maximum(counts, 1.0)
-            kl = ops.sum(self.group_counts) * ops.mean(row_kl)
+            kl = self.total_count * ops.mean(row_kl)
             self.add_loss(kl + self._hyperprior_kl())
             noise = training_noise(ops.shape(loc), self.seed_generator)
             return loc + scale * noise

@@ -8,10 +8,8 @@ their own.
 
 import keras
 import numpy as np
-from keras import ops
 
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
-from reffects.posteriors import positive
 from reffects.training import ELBOModel
 
 
@@ -92,59 +90,3 @@ def build_mixed_model(
     eta = terms[0] if len(terms) == 1 else keras.layers.Add(name="predictor")(terms)
     network = keras.Model(inputs, eta, name="mixed_model")
     return ELBOModel(network, likelihood=likelihood, num_examples=num_examples)
-
-
-def centre_random_intercepts(model: ELBOModel) -> None:
-    """Moves a `build_mixed_model` model to its ELBO optimum along the intercept ridges.
-
-    Adding c to alpha and subtracting it from every offset of factor k leaves eta, hence the
-    likelihood, unchanged; only KL(q(alpha) || p) and the offsets' KL move, and both are
-    quadratic in c:
-
-        KL(c_1..c_K) = (m_alpha + sum_k c_k - prior_loc)^2 / (2 prior_scale^2)
-                       + sum_k lambda_k / 2 * sum_{g seen} (m_kg - c_k)^2 + const,
-
-    with lambda_k = E_q[1 / sigma_k^2]. Stochastic gradients barely move along these
-    directions (their only pull is the KL, divided by N), so this solves the K x K linear
-    system for the optimal shifts and applies them, exactly.
-
-    Example:
-        >>> model = build_mixed_model(0, [3])
-        >>> model.network.get_layer("random_intercept_0").adapt(np.array([0, 1, 2]))
-        >>> _ = model.network.get_layer("random_intercept_0").offset_loc.assign(np.ones((3, 1)))
-        >>> centre_random_intercepts(model)
-        >>> round(float(model.network.get_layer("global_intercept").intercept_loc[0]), 3)
-        0.997
-    """
-    intercept = model.network.get_layer("global_intercept")
-    factors = [layer for layer in model.network.layers if isinstance(layer, RandomIntercept)]
-    if not factors:
-        return
-    alpha = ops.convert_to_numpy(intercept.intercept_loc).astype("float64")
-    prior_precision = 1.0 / intercept.prior_scale**2
-    seen = [ops.convert_to_numpy(layer.group_counts) > 0 for layer in factors]
-    offsets = [ops.convert_to_numpy(layer.offset_loc).astype("float64") for layer in factors]
-    precision = [_expected_inverse_variance(layer) for layer in factors]
-    shifts = np.zeros((len(factors), intercept.units))
-    for unit in range(intercept.units):
-        system = np.full((len(factors), len(factors)), prior_precision)
-        system[np.diag_indices(len(factors))] += [
-            lam[unit] * mask.sum() for lam, mask in zip(precision, seen)
-        ]
-        rhs = [
-            lam[unit] * b[mask, unit].sum() - (alpha[unit] - intercept.prior_loc) * prior_precision
-            for lam, b, mask in zip(precision, offsets, seen)
-        ]
-        shifts[:, unit] = np.linalg.solve(system, rhs)
-    intercept.intercept_loc.assign((alpha + shifts.sum(axis=0)).astype("float32"))
-    for layer, b, mask, shift in zip(factors, offsets, seen, shifts):
-        layer.offset_loc.assign(np.where(mask[:, None], b - shift, b).astype("float32"))
-
-
-def _expected_inverse_variance(layer: RandomIntercept) -> np.ndarray:
-    """E_q[1 / sigma^2] of a `RandomIntercept`, per unit."""
-    if layer.scale_prior is None:
-        return 1.0 / np.square(ops.convert_to_numpy(layer.group_scale()).astype("float64"))
-    mu = ops.convert_to_numpy(layer.log_group_scale_loc).astype("float64")
-    s = ops.convert_to_numpy(positive(layer.log_group_scale_untransformed_scale)).astype("float64")
-    return np.exp(-2.0 * mu + 2.0 * np.square(s))
