@@ -21,6 +21,7 @@ from reffects.exact_updates import refine_gaussian
 from reffects.glmm_updates import refine_glmm
 from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model
+from reffects.optimizers import LazyAdam
 from reffects.posteriors import inverse_softplus
 from reffects.training import predict_interval, sample_predictive
 
@@ -372,9 +373,7 @@ class _MixedModelEstimator(BaseEstimator):
         schedule = keras.optimizers.schedules.CosineDecay(
             self.learning_rate, decay_steps=epochs * steps, alpha=0.01
         )
-        self.model_.compile(
-            optimizer=keras.optimizers.Adam(schedule), steps_per_execution=steps_per_execution
-        )
+        self.model_.compile(optimizer=LazyAdam(schedule), steps_per_execution=steps_per_execution)
         callbacks = list(callbacks or [])
         validation_data = None
         if self.early_stopping:

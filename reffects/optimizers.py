@@ -50,8 +50,9 @@ class LazyAdam(keras.optimizers.Adam):
         )
         m = self._momentums[self._get_variable_index(variable)]
         v = self._velocities[self._get_variable_index(variable)]
-        m_rows = beta_1 * ops.take(m, rows, axis=0) + (1 - beta_1) * values
-        v_rows = beta_2 * ops.take(v, rows, axis=0) + (1 - beta_2) * ops.square(values)
+        # tf.gather on the resource variable reads only these rows (ops.take would read all).
+        m_rows = beta_1 * tf.gather(m.value, rows) + (1 - beta_1) * values
+        v_rows = beta_2 * tf.gather(v.value, rows) + (1 - beta_2) * ops.square(values)
         self.assign(m, tf.IndexedSlices(m_rows, rows))
         self.assign(v, tf.IndexedSlices(v_rows, rows))
         step_rows = alpha * m_rows / (ops.sqrt(v_rows) + self.epsilon)
