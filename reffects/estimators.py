@@ -23,7 +23,7 @@ from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import inverse_softplus
-from reffects.training import predict_interval, sample_predictive
+from reffects.training import predict_interval, predict_means, sample_predictive
 
 _MAX_BATCH_SIZE = 1024
 _MIN_BATCHES_PER_EPOCH = 10
@@ -516,7 +516,7 @@ class _MixedModelEstimator(BaseEstimator):
         row's value does not depend on where it sits in the batch (vectorised float32
         exp/sigmoid kernels can differ in the last bit between positions).
         """
-        eta = keras.ops.convert_to_tensor(_call_in_chunks(self.model_.network, data.model_inputs()))
+        eta = keras.ops.convert_to_tensor(predict_means(self.model_.network, data.model_inputs()))
         return keras.ops.convert_to_numpy(self.model_.likelihood.call(eta)).astype("float64")
 
     def __sklearn_tags__(self):
@@ -525,24 +525,6 @@ class _MixedModelEstimator(BaseEstimator):
         tags.input_tags.categorical = True
         tags.non_deterministic = self.random_state is None
         return tags
-
-
-def _call_in_chunks(model, inputs, chunk_size=65536):
-    """`model(inputs, training=False)` eagerly, chunk by chunk, as float64 of shape (n,).
-
-    The network validates its group ids itself in eager mode.
-
-    Eager calls skip tracing a predict function for every new estimator, and give the same
-    numbers for the same rows before and after pickling.
-    """
-    num_rows = len(inputs[0])
-    parts = [
-        keras.ops.convert_to_numpy(
-            model([values[start : start + chunk_size] for values in inputs], training=False)
-        )
-        for start in range(0, num_rows, chunk_size)
-    ]
-    return np.concatenate(parts)[:, 0].astype("float64")
 
 
 def _is_infinite(value) -> bool:
@@ -833,7 +815,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     def decision_function(self, X):
         """The logit of P(y = classes_[1]) at the posterior means, shape (n,)."""
         check_is_fitted(self, "model_")
-        return _call_in_chunks(self.model_.network, self._encode(X, reset=False).model_inputs())
+        return predict_means(self.model_.network, self._encode(X, reset=False).model_inputs())
 
     def predict(self, X):
         """The more probable class of each row."""

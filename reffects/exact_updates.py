@@ -29,6 +29,7 @@ from keras import ops
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.likelihoods import Gaussian
 from reffects.posteriors import inverse_softplus, positive
+from reffects.training import predict_means
 
 _MAX_SWEEPS = 200
 _TOLERANCE = 1e-6
@@ -167,7 +168,7 @@ def refine_gaussian(
         raise ValueError("exact updates need a Gaussian likelihood")
     y = np.asarray(y, dtype="float64").reshape(-1)
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
-    eta = np.asarray(model.network.predict(x, batch_size=8192, verbose=0), "float64").reshape(-1)
+    eta = predict_means(model.network, x)
     noise_variance = float(model.likelihood.noise_scale()) ** 2
     factors = [_group_factor(layer, ids, weights) for layer, ids in group_ids.items()]
     linear = _linear_part(intercept, fixed_effects, features, len(y))

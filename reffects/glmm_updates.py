@@ -41,7 +41,6 @@ No REML-style correction is made: the finish is the mean-field optimum itself, w
 sigma sits between ML (lme4's `glmer`) and REML, as it does for the Gaussian model.
 """
 
-import keras
 import numpy as np
 from keras import ops
 from scipy import optimize
@@ -50,6 +49,7 @@ from scipy.special import expit
 from reffects.layers import RandomIntercept
 from reffects.likelihoods import Bernoulli, Binomial, Poisson
 from reffects.posteriors import inverse_softplus, positive
+from reffects.training import predict_means
 
 _MAX_SWEEPS = 200
 _TOLERANCE = 1e-6
@@ -223,18 +223,6 @@ class _Linear:
             )
 
 
-def _network_output(network, x, chunk_size=65536):
-    """eta at the posterior means, by eager calls on chunks (no `predict` function to trace,
-    which costs more than the updates on small data), as float64 of shape (n,)."""
-    num_rows = len(keras.tree.flatten(x)[0])
-    parts = []
-    for start in range(0, num_rows, chunk_size):
-        rows = slice(start, start + chunk_size)
-        chunk = keras.tree.map_structure(lambda values, rows=rows: values[rows], x)
-        parts.append(ops.convert_to_numpy(network(chunk, training=False)))
-    return np.concatenate(parts).astype("float64").reshape(-1)
-
-
 def _predictor(held, factors, linear):
     """Mean and variance of each row's eta under q."""
     mean = held + sum(f.mean[f.ids] for f in factors)
@@ -296,7 +284,7 @@ def refine_glmm(
         )
     y = np.asarray(y, dtype="float64").reshape(-1)
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
-    eta = _network_output(model.network, x)
+    eta = predict_means(model.network, x)
     factors = [_Factor(layer, ids) for layer, ids in group_ids.items()]
     linear = None
     if intercept is not None:

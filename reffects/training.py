@@ -447,3 +447,24 @@ def predict_interval(
     lower = np.quantile(y, tail, axis=0, method="inverted_cdf")
     upper = np.quantile(y, 1.0 - tail, axis=0, method="inverted_cdf")
     return lower, upper
+
+
+def predict_means(network, x, chunk_size: int = 65536) -> np.ndarray:
+    """The network's output at the posterior means, as float64 of shape (n,).
+
+    Eager calls on chunks of rows: no `predict` function to trace (which costs more than
+    the work on small data), and a row's value does not depend on the batch it sits in.
+
+    Example:
+        >>> ids = keras.Input(shape=(), dtype="int64")
+        >>> network = keras.Model(ids, GlobalIntercept()(ids))
+        >>> predict_means(network, np.arange(3)).shape
+        (3,)
+    """
+    num_rows = len(keras.tree.flatten(x)[0])
+    parts = []
+    for start in range(0, num_rows, chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk = keras.tree.map_structure(lambda values, rows=rows: values[rows], x)
+        parts.append(ops.convert_to_numpy(network(chunk, training=False)))
+    return np.concatenate(parts).astype("float64").reshape(-1)
