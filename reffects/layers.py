@@ -429,14 +429,15 @@ class RandomIntercept(keras.layers.Layer):
                 message=f"group ids of RandomIntercept {self.name} must be integers",
             )
         ids = tf.cast(ids, "int64")
-        bad = tf.boolean_mask(ids, (ids < 0) | (ids >= self.num_groups))
+        smallest, largest = tf.reduce_min(ids), tf.reduce_max(ids)
         check = tf.debugging.Assert(
-            tf.size(bad) == 0,
+            (smallest >= 0) & (largest < self.num_groups),
             [
                 f"group id out of range for RandomIntercept {self.name} with "
                 f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups}). "
-                "Offending ids:",
-                bad[:5],
+                "Smallest and largest id received:",
+                smallest,
+                largest,
             ],
         )
         # The gathers wait for the check, so a bad id is reported as such (and a GPU never
