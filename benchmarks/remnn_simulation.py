@@ -11,7 +11,7 @@ binary version draws y ~ Bernoulli(sigmoid(f + b)) with sigma_b^2 = 1.
 Methods, all with the LMMNN paper's (100, 50, 25, 12) ReLU network:
 - reffects REMNN: `RandomEffectsRegressor(group_cols=["g"], hidden_units=(100, 50, 25, 12))`
   at its defaults (family "binomial" for the binary version, also with batch 128 and 30
-  epochs, which the defaults need there);
+  epochs: the default schedule under-trains the subnetwork there);
 - Keras with a 10-dimensional embedding of the group concatenated to x, and Keras ignoring
   the group: MSE (cross-entropy for binary) with Adam, early stopping on a 10% validation split;
 - oracle: the true f and sigma_b, with each group's exact posterior mean of b (the best any
