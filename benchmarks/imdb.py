@@ -250,7 +250,7 @@ def main(argv=None):
     if not args.no_append:
         append(
             "IMDb: two crossed high-cardinality factors (Sigrist's folds)",
-            markdown(table.astype(object).where(table.notna(), ""), "{:.4f}"),
+            markdown(table, "{:.4f}"),
             f"Test MSE on folds {args.folds} (of 5; test = rows not listed in cv_folds.json), "
             f"{len(y):,} movies, epochs scaled by {args.epochs_scale}. Fit time includes "
             "preprocessing and prediction. Published rows are quoted as published (mean over "

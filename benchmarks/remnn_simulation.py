@@ -214,7 +214,7 @@ def main(argv=None):
     if not args.no_append:
         append(
             "Random-effects neural network on the LMMNN simulation",
-            markdown(table.astype(object).where(table.notna(), ""), "{:.4f}"),
+            markdown(table, "{:.4f}"),
             f"{args.rows:,} rows, {args.repeats} repetitions per cell (mean and sd over them; "
             f"epochs scaled by {args.epochs_scale}); Gaussian cells q x sigma_b^2 = "
             f"{args.groups} x {args.variances}, binary cells q = {args.binary_groups} with "

@@ -6,6 +6,8 @@ import platform
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -26,9 +28,11 @@ def machine() -> str:
 
 
 def markdown(frame, float_format="{:.4f}") -> str:
-    """A DataFrame as a GitHub markdown table (no extra dependency)."""
+    """A DataFrame as a GitHub markdown table (no extra dependency); missing cells are blank."""
 
     def cell(value):
+        if pd.isna(value):
+            return ""
         return float_format.format(value) if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
