@@ -80,7 +80,8 @@ class GlobalIntercept(keras.layers.Layer):
         Any tensor whose first axis is the batch.
 
     Output shape:
-        `(batch_size, units)`: a draw from q when `training=True`, the posterior mean otherwise.
+        `(batch_size, units)`: one draw from q for the whole batch when `training=True`, the
+        posterior mean otherwise.
 
     Example:
         >>> layer = GlobalIntercept(loc_initializer=keras.initializers.Constant(2.0))
@@ -119,10 +120,11 @@ class GlobalIntercept(keras.layers.Layer):
         loc = self.intercept_loc
         scale = positive(self.intercept_untransformed_scale)
         self.add_loss(ops.sum(normal_kl(loc, scale, self.prior_loc, self.prior_scale)))
-        shape = (ops.shape(inputs)[0], self.units)
         if training:
-            return loc + scale * training_noise(shape, self.seed_generator)
-        return ops.broadcast_to(loc, shape)
+            # One draw per batch: alpha is shared by every row, and a per-row draw would cost
+            # a batch-sized random Normal for a parameter whose sd is tiny.
+            loc = loc + scale * training_noise((1, self.units), self.seed_generator)
+        return ops.broadcast_to(loc, (ops.shape(inputs)[0], self.units))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units)
@@ -280,8 +282,9 @@ class RandomIntercept(keras.layers.Layer):
     KL scaling: a training row of group g is charged KL_g / n_g, where n_g is the group's
     count in the training data (set by `adapt`, which `ELBOModel.fit` calls for you when
     the group ids are a model input). Summed over the data that is sum_g KL_g, so the batch
-    estimate is unbiased and touches only the batch's groups; groups with no training rows
-    stay at the prior. With a hyperprior the KL is the expectation under q(sigma), which is
+    estimate is unbiased and touches only the batch's groups (the part of KL_g that is the
+    same for every group is added exactly); groups with no training rows stay at the
+    prior. With a hyperprior the KL is the expectation under q(sigma), which is
     analytic, plus KL(q(sigma) || p(sigma)).
 
     A group with no training rows is a new group: its offset is 0 in `predict` and its
@@ -359,9 +362,13 @@ class RandomIntercept(keras.layers.Layer):
             initializer="zeros",
             trainable=False,
         )
-        # sum(group_counts), kept so that a training step never reads every group.
+        # sum(group_counts) and the number of groups with rows, kept so that a training
+        # step never reads every group.
         self.total_count = self.add_weight(
             name="total_count", shape=(), initializer="zeros", trainable=False
+        )
+        self.seen_groups = self.add_weight(
+            name="seen_groups", shape=(), initializer="zeros", trainable=False
         )
 
     def adapt(self, group_ids):
@@ -380,6 +387,7 @@ class RandomIntercept(keras.layers.Layer):
             self.build((None,))
         self.group_counts.assign(counts.astype("float32"))
         self.total_count.assign(float(counts.sum()))
+        self.seen_groups.assign(float(np.count_nonzero(counts)))
 
     @property
     def is_adapted(self) -> bool:
@@ -471,6 +479,24 @@ class RandomIntercept(keras.layers.Layer):
             - 0.5
         )
 
+    def _expected_log_group_scale(self):
+        """log sigma, or E[log sigma] = mu under q(sigma) = LogNormal(mu, s)."""
+        if self.scale_prior is None:
+            return ops.log(positive(self.group_scale_untransformed))
+        return self.log_group_scale_loc
+
+    def _batch_offset_kl(self, loc, scale, counts):
+        """Unbiased estimate of sum_g KL(q(b[g]) || p(b[g])) over the trained groups.
+
+        KL_g = log sigma - 1/2 + [(s_g^2 + m_g^2) / (2 sigma^2) - log s_g]. The first two
+        terms are the same for every group, so their sum is exact (`seen_groups` of them);
+        the bracket is estimated from the batch, a row of group g charged 1 / n_g of it.
+        """
+        varying = 0.5 * (ops.square(scale) + ops.square(loc)) * self.inverse_prior_variance()
+        row_kl = ops.sum(varying - ops.log(scale), axis=-1) / ops.maximum(counts, 1.0)
+        shared = ops.sum(self._expected_log_group_scale() - 0.5)
+        return self.total_count * ops.mean(row_kl) + self.seen_groups * shared
+
     def _hyperprior_kl(self):
         if self.scale_prior is None:
             return 0.0
@@ -483,9 +509,7 @@ class RandomIntercept(keras.layers.Layer):
         scale = positive(_gather_rows(self.offset_untransformed_scale, ids))
         counts = _gather_rows(self.group_counts, ids)
         if training:
-            row_kl = ops.sum(self._offset_kl(loc, scale), axis=-1) / ops.maximum(counts, 1.0)
-            kl = self.total_count * ops.mean(row_kl)
-            self.add_loss(kl + self._hyperprior_kl())
+            self.add_loss(self._batch_offset_kl(loc, scale, counts) + self._hyperprior_kl())
             noise = training_noise(ops.shape(loc), self.seed_generator)
             return loc + scale * noise
         all_kl = ops.sum(

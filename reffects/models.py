@@ -6,6 +6,8 @@ The estimators reach Keras only through `build_mixed_model`, so the layers stay 
 their own.
 """
 
+import numbers
+
 import keras
 import numpy as np
 
@@ -13,10 +15,53 @@ from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.training import ELBOModel
 
 
+@keras.saving.register_keras_serializable(package="reffects")
+class SelectFeatures(keras.layers.Layer):
+    """Keeps the listed columns of a feature matrix, in the order listed.
+
+    Args:
+        indices: positions of the columns to keep.
+
+    Input shape:
+        `(batch, d)`.
+
+    Output shape:
+        `(batch, len(indices))`.
+
+    Example:
+        >>> SelectFeatures([2, 0])(np.array([[1.0, 2.0, 3.0]])).numpy().tolist()
+        [[3.0, 1.0]]
+    """
+
+    def __init__(self, indices, **kwargs):
+        super().__init__(**kwargs)
+        self.indices = [int(i) for i in indices]
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if width is not None and any(not 0 <= i < width for i in self.indices):
+            raise ValueError(
+                f"`indices` must be positions in 0..{width - 1} of the {width} input columns. "
+                f"Received: indices={self.indices}"
+            )
+
+    def call(self, inputs):
+        return keras.ops.take(inputs, self.indices, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], len(self.indices))
+
+    def get_config(self):
+        return {**super().get_config(), "indices": self.indices}
+
+
 def build_mixed_model(
     num_features: int,
     num_groups: list,
     hidden_units: tuple = (),
+    subnetwork_features: list | None = None,
+    dropout: float = 0.0,
+    l2_regularization: float = 0.0,
     likelihood="gaussian",
     intercept_init: float = 0.0,
     prior_scale: float = 10.0,
@@ -30,14 +75,40 @@ def build_mixed_model(
 
     Inputs, in order: `features` (float, `(batch, num_features)`, only when
     `num_features > 0`), then one integer input `group_k` per grouping factor k, with
-    `num_groups[k]` levels, feeding the layer `random_intercept_k`. The subnetwork's last
-    layer has no bias, so the global intercept is the only intercept.
+    `num_groups[k]` levels, feeding the layer `random_intercept_k`. `FixedEffects` sees
+    every feature. The subnetwork, ReLU layers of `hidden_units` and then
+    `subnetwork_output` (no bias: the global intercept is the only intercept), sees all of
+    them, or with `subnetwork_features` only the features at those positions (a
+    `SelectFeatures` layer named `subnetwork_features`). `dropout` is the rate of a
+    `Dropout` after each hidden layer. `l2_regularization` = lambda adds
+    `0.5 * lambda * sum(W**2) / num_examples` over the subnetwork's kernels W to the loss:
+    the negative log density of a Normal(0, lambda**-0.5) prior on each weight, divided by N
+    as the KL is (so it needs `num_examples`).
 
     Example:
-        >>> model = build_mixed_model(2, [10], hidden_units=(8,))
+        >>> model = build_mixed_model(
+        ...     3, [10], hidden_units=(8,), subnetwork_features=[0, 2], dropout=0.1
+        ... )
         >>> [t.name for t in model.network.inputs]
         ['features', 'group_0']
+        >>> model.network.get_layer("subnetwork_features").indices
+        [0, 2]
     """
+    if not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+    if not (isinstance(l2_regularization, numbers.Real) and 0 <= l2_regularization < np.inf):
+        raise ValueError(
+            "`l2_regularization` must be a non-negative number. "
+            f"Received: l2_regularization={l2_regularization!r}"
+        )
+    regularizer = None
+    if l2_regularization and hidden_units:
+        if num_examples is None:
+            raise ValueError(
+                "`l2_regularization` is divided by the number of training examples N; pass "
+                "num_examples=N. Received: num_examples=None"
+            )
+        regularizer = keras.regularizers.L2(0.5 * l2_regularization / num_examples)
     rng = np.random.default_rng(seed)
 
     def next_seed():
@@ -71,22 +142,35 @@ def build_mixed_model(
         terms.append(
             FixedEffects(prior_scale=prior_scale, seed=next_seed(), name="fixed_effects")(features)
         )
-        hidden = features
-        for units in hidden_units:
-            hidden = keras.layers.Dense(
-                units,
-                activation="relu",
-                kernel_initializer=keras.initializers.HeNormal(seed=next_seed()),
-            )(hidden)
         if hidden_units:
             terms.append(
-                keras.layers.Dense(
-                    1,
-                    use_bias=False,
-                    kernel_initializer=keras.initializers.GlorotUniform(seed=next_seed()),
-                    name="subnetwork_output",
-                )(hidden)
+                _subnetwork(
+                    features, hidden_units, subnetwork_features, dropout, regularizer, next_seed
+                )
             )
     eta = terms[0] if len(terms) == 1 else keras.layers.Add(name="predictor")(terms)
     network = keras.Model(inputs, eta, name="mixed_model")
     return ELBOModel(network, likelihood=likelihood, num_examples=num_examples)
+
+
+def _subnetwork(features, hidden_units, columns, dropout, regularizer, next_seed):
+    """f(x): ReLU layers on the chosen feature columns, then one output without a bias."""
+    hidden = features
+    if columns is not None:
+        hidden = SelectFeatures(columns, name="subnetwork_features")(hidden)
+    for units in hidden_units:
+        hidden = keras.layers.Dense(
+            units,
+            activation="relu",
+            kernel_initializer=keras.initializers.HeNormal(seed=next_seed()),
+            kernel_regularizer=regularizer,
+        )(hidden)
+        if dropout:
+            hidden = keras.layers.Dropout(dropout, seed=next_seed())(hidden)
+    return keras.layers.Dense(
+        1,
+        use_bias=False,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next_seed()),
+        kernel_regularizer=regularizer,
+        name="subnetwork_output",
+    )(hidden)

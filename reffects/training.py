@@ -449,11 +449,13 @@ def predict_interval(
     return lower, upper
 
 
-def predict_means(network, x, chunk_size: int = 65536) -> np.ndarray:
+def predict_means(network, x, chunk_size: int = 8192) -> np.ndarray:
     """The network's output at the posterior means, as float64 of shape (n,).
 
-    Eager calls on chunks of rows: no `predict` function to trace (which costs more than
-    the work on small data), and a row's value does not depend on the batch it sits in.
+    Eager calls on chunks of `chunk_size` rows, the last one padded to that size: no
+    `predict` function to trace (which costs more than the work on small data), and every
+    call has the same shape, so the kernels (and their float32 rounding) are the same and a
+    row's value does not depend on the rows predicted with it.
 
     Example:
         >>> ids = keras.Input(shape=(), dtype="int64")
@@ -464,7 +466,7 @@ def predict_means(network, x, chunk_size: int = 65536) -> np.ndarray:
     num_rows = len(keras.tree.flatten(x)[0])
     parts = []
     for start in range(0, num_rows, chunk_size):
-        rows = slice(start, start + chunk_size)
-        chunk = keras.tree.map_structure(lambda values, rows=rows: values[rows], x)
+        rows = np.arange(start, start + chunk_size).clip(max=num_rows - 1)
+        chunk = keras.tree.map_structure(lambda values, rows=rows: np.asarray(values)[rows], x)
         parts.append(ops.convert_to_numpy(network(chunk, training=False)))
-    return np.concatenate(parts).astype("float64").reshape(-1)
+    return np.concatenate(parts)[:num_rows].astype("float64").reshape(-1)
