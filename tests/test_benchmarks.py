@@ -34,7 +34,7 @@ def test_imdb_smoke(capsys):
         pytest.skip(f"IMDb data not found at {imdb.DEFAULT_DATA}")
     imdb.main("--rows 1500 --folds 1 --epochs-scale 0.01 --no-append".split())
     out = capsys.readouterr().out
-    assert "reffects REMNN (estimator, (64, 32) on continuous)" in out
+    assert "reffects REMNN (estimator defaults, (64, 32) on continuous)" in out
     assert "CatBoost (published" in out
 
 

@@ -80,6 +80,24 @@ def test_random_intercept_training_kl_is_unbiased_over_the_data():
     assert float(layer.losses[0]) == pytest.approx(exact, rel=1e-5)
 
 
+@pytest.mark.parametrize("scale_prior", [None, "exponential"])
+def test_single_row_kl_estimates_average_to_the_exact_kl(scale_prior):
+    ids = np.array([0, 0, 0, 1, 2, 2, 4])
+    layer = RandomIntercept(num_groups=5, scale_prior=scale_prior, initial_group_scale=0.7)
+    layer.adapt(ids)
+    layer.offset_loc.assign(np.linspace(-1.0, 1.0, 5, dtype="float32")[:, None])
+    layer(ids)
+    exact = float(layer.losses[0])
+    # Each one-row batch is an estimate; over the rows of the data they average to the
+    # exact KL (unbiasedness, up to float32 rounding).
+    estimates = []
+    for group in ids:
+        layer(np.array([group]), training=True)
+        estimates.append(float(layer.losses[0]))
+    assert len(set(np.round(estimates, 5))) > 1
+    assert np.mean(estimates) == pytest.approx(exact, rel=1e-5)
+
+
 def test_new_group_gets_zero_offset_and_the_prior():
     layer = RandomIntercept(num_groups=3, initial_group_scale=0.4)
     layer.adapt(np.array([0, 1, 1]))
