@@ -178,6 +178,9 @@ def refine_gaussian(
     if linear is not None:
         held -= linear["design"] @ linear["mean"]
         gram = linear["design"].T @ (weights[:, None] * linear["design"])
+        # sum_i w_i Var(d_i . theta) = sum_j sd_j^2 sum_i w_i d_ij^2 under the mean field.
+        weighted_squares = np.square(linear["design"]).T @ weights
+    free = y - held  # the part of y the updated terms explain
     linear_variance = 0.0
 
     sweeps = 0
@@ -187,17 +190,17 @@ def refine_gaussian(
         change = 0.0
         if linear is not None:
             precision = gram / noise_variance + np.diag(linear["prior_precision"])
-            target = y - held - offsets
+            target = free - offsets
             rhs = linear["design"].T @ (weights * target) / noise_variance
             rhs += linear["prior_precision"] * linear["prior_loc"]
             mean = np.linalg.solve(precision, rhs)
             change = float(np.max(np.abs(mean - linear["mean"])))
             linear["mean"], linear["sd"] = mean, np.diag(precision) ** -0.5
-            linear_variance = np.square(linear["design"]) @ np.square(linear["sd"])
+            linear_variance = float(np.square(linear["sd"]) @ weighted_squares)
         fitted_linear = 0.0 if linear is None else linear["design"] @ linear["mean"]
         for factor in factors:
             others = offsets - factor["mean"][factor["ids"]]
-            residual = y - held - fitted_linear - others
+            residual = free - fitted_linear - others
             intercept_prior = None
             if linear is not None and factor["seen"].any():
                 residual += linear["mean"][0]
@@ -212,8 +215,8 @@ def refine_gaussian(
             change = max(change, factor_change)
             offsets = others + factor["mean"][factor["ids"]]
         group_variance = sum(f["sd"][f["ids"]] ** 2 for f in factors)
-        squared_error = (y - held - fitted_linear - offsets) ** 2 + group_variance
-        noise_variance = float(np.sum(weights * (squared_error + linear_variance)) / weights.sum())
+        squared_error = (free - fitted_linear - offsets) ** 2 + group_variance
+        noise_variance = float((weights @ squared_error + linear_variance) / weights.sum())
         if change < _TOLERANCE:
             break
 

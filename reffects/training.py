@@ -449,7 +449,7 @@ def predict_interval(
     return lower, upper
 
 
-def predict_means(network, x, chunk_size: int = 8192) -> np.ndarray:
+def predict_means(network, x, chunk_size: int = 65536) -> np.ndarray:
     """The network's output at the posterior means, as float64 of shape (n,).
 
     Eager calls on chunks of `chunk_size` rows, the last one padded to that size: no
