@@ -81,13 +81,31 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def epoch_seconds(model, features, groups, y, batch_size, epochs):
-    """Median epoch time, leaving out the first epoch (tracing)."""
-    timer = EpochTimer()
-    model.fit(
-        [features, groups], y, batch_size=batch_size, epochs=epochs, callbacks=[timer], verbose=0
-    )
-    return float(np.median(timer.seconds[1:]))
+def alternating_epoch_seconds(runs, batch_size, rounds):
+    """Epoch times of several models fitted one epoch each in turn, `rounds` times over.
+
+    `runs` maps a name to `(model, inputs, y)`. Each model first fits one untimed epoch
+    (tracing). Interleaving single epochs makes a burst of load on a shared machine hit every
+    model alike, so ratios of the medians are steadier than those of separate long runs.
+    Returns a dict: name -> list of `rounds` epoch times in seconds.
+
+    Example:
+        >>> features, groups, y = grouped_regression(2048, 10)
+        >>> runs = {"plain": (plain_keras_model(10, 10), [features, groups], y)}
+        >>> len(alternating_epoch_seconds(runs, batch_size=1024, rounds=2)["plain"])
+        2
+    """
+    for model, inputs, targets in runs.values():
+        model.fit(inputs, targets, batch_size=batch_size, epochs=1, verbose=0)
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (model, inputs, targets) in runs.items():
+            timer = EpochTimer()
+            model.fit(
+                inputs, targets, batch_size=batch_size, epochs=1, callbacks=[timer], verbose=0
+            )
+            seconds[name] += timer.seconds
+    return seconds
 
 
 def lmmnn_simulation(num_rows, num_groups, group_variance, binary=False, seed=0):
