@@ -33,6 +33,7 @@ _MAX_EPOCHS = 400
 _MIN_EPOCHS = 10
 _WARM_START_STEPS = 200
 _STEPS_PER_EXECUTION = 32
+_FEW_STEPS = 1000
 _FAMILIES = ("gaussian", "binomial", "poisson")
 _PREDICTIVE_DRAWS = 1000
 _INITIAL_GROUP_SCALE = 0.5
@@ -399,7 +400,11 @@ class _MixedModelEstimator(BaseEstimator):
         )
         # Keras runs whole multiples of steps_per_execution per epoch, so an epoch here is
         # one pass rounded up to that multiple; the stream is endless, so nothing runs dry.
-        steps_per_execution = min(steps, _STEPS_PER_EXECUTION)
+        # Its multi-step loop traces the training step a second time (about a second), more
+        # than one call per step costs over a short warm start.
+        steps_per_execution = (
+            1 if epochs * steps <= _FEW_STEPS else min(steps, _STEPS_PER_EXECUTION)
+        )
         steps = math.ceil(steps / steps_per_execution) * steps_per_execution
         schedule = keras.optimizers.schedules.CosineDecay(
             self.learning_rate, decay_steps=epochs * steps, alpha=0.01
