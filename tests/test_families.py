@@ -148,7 +148,7 @@ def test_regressor_fits_m13_2_with_its_exact_priors_at_the_defaults():
     est.fit(tanks, frogs["propsurv"], sample_weight=frogs["density"])
     # The tolerances for the same comparison made by the example. Measured: a_bar
     # 1.337, sigma 1.579 (mean-field VI shrinks sigma a little: it drops the posterior
-    # correlation of a_bar and the offsets) and tank probabilities 0.001 off on average.
+    # correlation of a_bar and the offsets) and tank probabilities 0.0015 off on average.
     assert est.intercept_ == pytest.approx(REEDFROGS_NUTS["a_bar"], abs=0.15)
     assert est.variance_components_["tank"] == pytest.approx(REEDFROGS_NUTS["sigma"], abs=0.25)
     draws = sample_predictive(est.model_, [np.arange(48)], num_samples=4000, seed=0)
