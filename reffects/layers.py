@@ -468,33 +468,31 @@ class RandomIntercept(keras.layers.Layer):
         return ops.exp(-2.0 * self.log_group_scale_loc + 2.0 * ops.square(s))
 
     def _offset_kl(self, loc, scale):
-        """KL(q(b[g]) || p(b[g] | sigma)), taking its expectation under q(sigma) if any."""
-        if self.scale_prior is None:
-            return normal_kl(loc, scale, 0.0, positive(self.group_scale_untransformed))
-        # E[log sigma] = mu under LogNormal(mu, s).
-        return (
-            self.log_group_scale_loc
-            - ops.log(scale)
-            + 0.5 * (ops.square(scale) + ops.square(loc)) * self.inverse_prior_variance()
-            - 0.5
-        )
+        """KL(q(b[g]) || p(b[g] | sigma)), taking its expectation under q(sigma) if any.
 
-    def _expected_log_group_scale(self):
-        """log sigma, or E[log sigma] = mu under q(sigma) = LogNormal(mu, s)."""
+        KL_g = [E log sigma - 1/2] + [(s_g^2 + m_g^2) E(1 / sigma^2) / 2 - log s_g]: a part
+        shared by every group (`_shared_offset_kl`) and one specific to it.
+        """
+        return self._shared_offset_kl() + self._group_offset_kl(loc, scale)
+
+    def _shared_offset_kl(self):
+        """E[log sigma] - 1/2 (E[log sigma] = mu under q(sigma) = LogNormal(mu, s))."""
         if self.scale_prior is None:
-            return ops.log(positive(self.group_scale_untransformed))
-        return self.log_group_scale_loc
+            return ops.log(positive(self.group_scale_untransformed)) - 0.5
+        return self.log_group_scale_loc - 0.5
+
+    def _group_offset_kl(self, loc, scale):
+        second_moment = ops.square(scale) + ops.square(loc)
+        return 0.5 * second_moment * self.inverse_prior_variance() - ops.log(scale)
 
     def _batch_offset_kl(self, loc, scale, counts):
         """Unbiased estimate of sum_g KL(q(b[g]) || p(b[g])) over the trained groups.
 
-        KL_g = log sigma - 1/2 + [(s_g^2 + m_g^2) / (2 sigma^2) - log s_g]. The first two
-        terms are the same for every group, so their sum is exact (`seen_groups` of them);
-        the bracket is estimated from the batch, a row of group g charged 1 / n_g of it.
+        The shared part of `_offset_kl` is added exactly (`seen_groups` times); the
+        group-specific part is estimated from the batch, a row of group g charged 1 / n_g.
         """
-        varying = 0.5 * (ops.square(scale) + ops.square(loc)) * self.inverse_prior_variance()
-        row_kl = ops.sum(varying - ops.log(scale), axis=-1) / ops.maximum(counts, 1.0)
-        shared = ops.sum(self._expected_log_group_scale() - 0.5)
+        row_kl = ops.sum(self._group_offset_kl(loc, scale), axis=-1) / ops.maximum(counts, 1.0)
+        shared = ops.sum(self._shared_offset_kl())
         return self.total_count * ops.mean(row_kl) + self.seen_groups * shared
 
     def _hyperprior_kl(self):
