@@ -242,6 +242,7 @@ def refine_glmm(
     intercept=None,
     fixed_effects=None,
     features=None,
+    held=None,
 ):
     """Moves the listed terms to the optimum of the mean-field ELBO, by coordinate ascent.
 
@@ -258,6 +259,9 @@ def refine_glmm(
         fixed_effects: the `FixedEffects` (units=1) to update too (needs `intercept` and
             `features`).
         features: the `(n, d)` input of `fixed_effects`.
+        held: the part of the predictor the updates hold fixed, per row (or 0 where the
+            predictor is the sum of the listed terms); None computes it with one pass of
+            the network, less the listed terms.
 
     Returns:
         The number of sweeps made.
@@ -284,7 +288,6 @@ def refine_glmm(
         )
     y = np.asarray(y, dtype="float64").reshape(-1)
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
-    eta = predict_means(model.network, x)
     factors = [_Factor(layer, ids) for layer, ids in group_ids.items()]
     linear = None
     if intercept is not None:
@@ -292,7 +295,8 @@ def refine_glmm(
             raise ValueError("refine_glmm updates linear terms with units=1 only")
         linear = _Linear(intercept, fixed_effects, features, len(y))
 
-    held = eta - _predictor(0.0, factors, linear)[0]  # what the updates hold fixed
+    if held is None:
+        held = predict_means(model.network, x) - _predictor(0.0, factors, linear)[0]
     sweeps = 0
     while sweeps < _MAX_SWEEPS:
         sweeps += 1

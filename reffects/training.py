@@ -179,7 +179,17 @@ class ELBOModel(keras.Model):
         self._check_targets(y, kwargs.get("sample_weight"))
         self.training_size.assign(float(size))
         self._adapt_group_layers(train_x, size)
+        self._build_optimizer()
         return super().fit(x, y, **kwargs)
+
+    def _build_optimizer(self):
+        # Without a distribution strategy Keras builds the optimizer while tracing the
+        # training step, and a tf.function that creates variables is traced twice (about half
+        # a second for this model). Its variables exist already once the network is built.
+        built = all(layer.built for layer in self._flatten_layers())
+        if built and self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
 
     def evaluate(self, x=None, y=None, **kwargs):
         """`keras.Model.evaluate`, after checking in-memory group ids and y eagerly."""
@@ -463,10 +473,14 @@ def predict_means(network, x, chunk_size: int = 65536) -> np.ndarray:
         >>> predict_means(network, np.arange(3)).shape
         (3,)
     """
+    x = keras.tree.map_structure(np.asarray, x)
     num_rows = len(keras.tree.flatten(x)[0])
     parts = []
     for start in range(0, num_rows, chunk_size):
-        rows = np.arange(start, start + chunk_size).clip(max=num_rows - 1)
-        chunk = keras.tree.map_structure(lambda values, rows=rows: np.asarray(values)[rows], x)
+        if start + chunk_size <= num_rows:
+            rows = slice(start, start + chunk_size)  # a view, not a copy
+        else:
+            rows = np.arange(start, start + chunk_size).clip(max=num_rows - 1)
+        chunk = keras.tree.map_structure(lambda values, rows=rows: values[rows], x)
         parts.append(ops.convert_to_numpy(network(chunk, training=False)))
     return np.concatenate(parts)[:num_rows].astype("float64").reshape(-1)

@@ -65,8 +65,6 @@ def test_overhead_and_groups_scale_smoke(capsys):
     _load("overhead").main(
         "--rows 4000 --groups 50 --rounds 2 --batch-sizes 1024 --no-append".split()
     )
-    _load("groups_scale").main(
-        "--rows 4000 --groups 10 1000 --rounds 2 --no-append".split()
-    )
+    _load("groups_scale").main("--rows 4000 --groups 10 1000 --rounds 2 --no-append".split())
     out = capsys.readouterr().out
     assert "per-round ratio" in out and "ratio to first" in out

@@ -148,6 +148,21 @@ def test_ndarray_input_with_group_position_and_integer_labels():
     assert set(est.random_effects_[0].index) == set(range(8))
 
 
+def test_a_constant_feature_changes_nothing():
+    # A constant column (0.1 is not exact in binary, so centring leaves rounding noise) is
+    # collinear with the intercept: its coefficient is 0 and the rest of the fit is as if
+    # it were absent, instead of the noise being scaled up to a column of +-1.
+    X, y, _ = simulate_mixed(400, num_groups=(8,), seed=6)
+    with_constant = X.assign(c=0.1)
+    both = [
+        RandomEffectsRegressor(group_cols=["group_0"], random_state=0).fit(data, y)
+        for data in (X, with_constant)
+    ]
+    assert abs(both[1].coef_[-1]) < 1e-12
+    np.testing.assert_allclose(both[1].coef_[:-1], both[0].coef_, atol=1e-5)
+    np.testing.assert_allclose(both[1].predict(with_constant), both[0].predict(X), atol=1e-5)
+
+
 def test_dense_subnetwork_and_no_group_regression():
     X, y, _ = simulate_mixed(400, num_groups=(8,), seed=4)
     deep = RandomEffectsRegressor(group_cols=["group_0"], hidden_units=(8, 4), epochs=10)

@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 import statsmodels.formula.api as smf
 
-from reffects import ELBOModel, GlobalIntercept, RandomIntercept
+from reffects import ELBOModel, FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.exact_updates import refine_gaussian
+from reffects.training import predict_means
 
 
 def _one_way(num_groups=12, seed=0):
@@ -61,3 +62,64 @@ def test_needs_a_gaussian_likelihood():
     model = ELBOModel(keras.Model(ids, layer(ids)), likelihood="poisson")
     with pytest.raises(ValueError, match="Gaussian likelihood"):
         refine_gaussian(model, np.array([0, 1]), np.array([1.0, 2.0]), {layer: [0, 1]})
+
+
+def test_noise_scale_is_the_expected_squared_error_of_the_rows():
+    # The sweeps work on per-group and per-column sums; the noise variance they end with
+    # must equal the row-by-row E_q[sum_i w_i (y_i - eta_i)^2] / sum_i w_i of the final q,
+    # here with weights, fixed effects and two crossed factors (whose sums need the rows).
+    rng = np.random.default_rng(3)
+    n, features = 400, rng.normal(size=(400, 2)).astype("float32")
+    first, second = rng.integers(0, 15, n), rng.integers(0, 6, n)
+    weights = rng.uniform(0.5, 2.0, n)
+    y = (
+        0.5
+        + features @ np.array([1.0, -0.5])
+        + rng.normal(0, 0.7, 15)[first]
+        + rng.normal(0, 0.4, 6)[second]
+        + rng.normal(0, 1.0, n)
+    )
+    x_in = keras.Input(shape=(2,))
+    g1, g2 = keras.Input(shape=(), dtype="int64"), keras.Input(shape=(), dtype="int64")
+    alpha, beta = GlobalIntercept(), FixedEffects()
+    layers = RandomIntercept(15), RandomIntercept(6)
+    eta = keras.layers.Add()([alpha(x_in), beta(x_in), layers[0](g1), layers[1](g2)])
+    model = ELBOModel(keras.Model([x_in, g1, g2], eta))
+    layers[0].adapt(first)
+    layers[1].adapt(second)
+    inputs = [features, first, second]
+    refine_gaussian(
+        model,
+        inputs,
+        y,
+        {layers[0]: first, layers[1]: second},
+        sample_weight=weights,
+        intercept=alpha,
+        fixed_effects=beta,
+        features=features,
+    )
+    design = np.column_stack([np.ones(n), features])
+    linear_sd = np.concatenate(
+        [alpha.posterior().scale.numpy(), beta.posterior().scale.numpy()[:, 0]]
+    )
+    residual = y - predict_means(model.network, inputs)
+    variance = (design**2) @ linear_sd**2
+    for layer, ids in zip(layers, (first, second)):
+        variance += layer.posterior()["offset"].scale.numpy()[ids, 0] ** 2
+    expected = weights @ (residual**2 + variance) / weights.sum()
+    noise = float(model.likelihood.noise_scale())
+    # float32 storage of the posterior (the residual is recomputed from it) limits agreement
+    # to about 1e-6 relative; a wrong term of the expansion moves it by percents.
+    assert noise**2 == pytest.approx(expected, rel=1e-4)
+
+
+def test_held_zero_matches_the_pass_of_the_network_for_an_additive_predictor():
+    # The estimator passes held=0 when the predictor is the sum of the refined terms, to
+    # skip a pass of the network; the result must equal what that pass gives.
+    results = []
+    for held in (None, 0.0):
+        model, layer, intercept, groups, y = _one_way()
+        refine_gaussian(model, groups, y, {layer: groups}, intercept=intercept, held=held)
+        results.append((layer.offset_loc.numpy(), float(layer.group_scale()[0])))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
