@@ -19,6 +19,7 @@ from reffects.posteriors import (
     normal_kl,
     normal_summary,
     positive,
+    row_noise,
     training_noise,
 )
 from reffects.streaming import count_groups
@@ -497,9 +498,10 @@ class RandomIntercept(keras.layers.Layer):
         The shared part of `_offset_kl` is added exactly (`seen_groups` times); the
         group-specific part is estimated from the batch, a row of group g charged 1 / n_g.
         """
-        row_kl = ops.sum(self._group_offset_kl(loc, scale), axis=-1) / ops.maximum(counts, 1.0)
+        # mean over rows of the sum over units = units * mean over (rows, units)
+        entry_kl = self._group_offset_kl(loc, scale) / ops.expand_dims(ops.maximum(counts, 1.0), -1)
         shared = ops.sum(self._shared_offset_kl())
-        return self.total_count * ops.mean(row_kl) + self.seen_groups * shared
+        return self.total_count * self.units * ops.mean(entry_kl) + self.seen_groups * shared
 
     def _hyperprior_kl(self):
         if self.scale_prior is None:
@@ -520,7 +522,7 @@ class RandomIntercept(keras.layers.Layer):
         counts = _gather_rows(self.group_counts, ids)
         if training:
             self.add_loss(self._batch_offset_kl(loc, scale, counts) + self._hyperprior_kl())
-            noise = training_noise(ops.shape(loc), self.seed_generator)
+            noise = row_noise(ops.shape(loc), self.seed_generator)
             return loc + scale * noise
         all_kl = ops.sum(
             self._offset_kl(self.offset_loc, positive(self.offset_untransformed_scale)), axis=-1

@@ -53,20 +53,45 @@ def add_normal_posterior(layer, name, shape, loc_initializer, scale):
     return loc, untransformed_scale
 
 
-def training_noise(shape, seed_generator):
-    """Standard Normal noise for the draws a layer makes in training.
+def _replica_seed(seed_generator):
+    """This step's stateless seed; under a `tf.distribute` strategy, one per replica.
 
-    Under a `tf.distribute` strategy every replica holds the same seed generator state, so
-    `keras.random.normal` would draw the same noise on each replica's rows; folding the
-    replica id into the seed makes the replicas' draws independent, as one device's draws
-    for the whole global batch are. With one replica this is `keras.random.normal`.
+    Every replica holds the same seed generator state, so the same seed would draw the
+    same noise on each replica's rows; folding the replica id in makes the replicas' draws
+    independent, as one device's draws for the whole global batch are.
     """
+    seed = seed_generator.next()
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return keras.random.normal(shape, seed=seed_generator)
+        return seed
     replica = tf.cast(context.replica_id_in_sync_group, "int64")
-    seed = tf.random.experimental.stateless_fold_in(seed_generator.next(), replica)
-    return tf.random.stateless_normal(shape, seed=seed)
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, "int64"), replica)
+
+
+def training_noise(shape, seed_generator):
+    """Standard Normal noise of a small, fixed shape (a layer's parameters), for training."""
+    return tf.random.stateless_normal(shape, seed=_replica_seed(seed_generator))
+
+
+def row_noise(shape, seed_generator):
+    """Standard Normal noise with a row per batch row, for training.
+
+    Box-Muller from uniform draws: on CPU TensorFlow's Normal sampler takes about 20 ns per
+    number against 5 for uniforms and the transform, and one Normal per row was the most
+    expensive operation of a `RandomIntercept` training step at batch 8192.
+
+    Example:
+        >>> noise = row_noise((100_001, 1), keras.random.SeedGenerator(0)).numpy()
+        >>> noise.shape, abs(float(noise.mean())) < 0.01, round(float(noise.std()), 2)
+        ((100001, 1), True, 1.0)
+    """
+    size = tf.reduce_prod(shape)
+    half = (size + 1) // 2
+    uniform = tf.random.stateless_uniform(tf.stack([2, half]), seed=_replica_seed(seed_generator))
+    radius = tf.sqrt(-2.0 * tf.math.log1p(-uniform[0]))  # 1 - u lies in (0, 1]
+    angle = (2.0 * math.pi) * uniform[1]
+    normal = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)
+    return tf.reshape(normal[:size], shape)
 
 
 def normal_kl(loc_q, scale_q, loc_p, scale_p):

@@ -132,7 +132,7 @@ class ELBOModel(keras.Model):
         y = ops.reshape(ops.cast(y, y_pred.dtype), ops.shape(y_pred))
         if sample_weight is not None:
             sample_weight = ops.reshape(ops.cast(sample_weight, y_pred.dtype), (-1,))
-        nll = ops.mean(ops.sum(self.likelihood.nll(y, y_pred, sample_weight), axis=-1))
+        nll = self.likelihood.mean_nll(y, y_pred, sample_weight)
         kl_terms = [loss for layer in self.variational_layers() for loss in layer.losses]
         kl_ids = {id(loss) for loss in kl_terms}
         kl = (

@@ -67,6 +67,17 @@ def test_fixed_effects_training_draws_have_the_posterior_variance():
     assert draws[:, 0].mean() == pytest.approx(0.0, abs=0.1)  # 5 sd of the mean of 3,000
 
 
+def test_random_intercept_training_kl_sums_over_units():
+    ids = np.array([0, 0, 1, 3, 3, 3])
+    layer = RandomIntercept(num_groups=4, units=2, initial_group_scale=0.6)
+    layer.adapt(ids)
+    layer.offset_loc.assign(np.arange(8, dtype="float32").reshape(4, 2) / 5)
+    layer(ids, training=True)  # every training row once: the exact KL over seen groups
+    q = layer.posterior()["offset"]
+    exact = normal_kl(q.loc, q.scale, 0.0, 0.6).numpy()[[0, 1, 3]].sum()
+    assert float(layer.losses[0]) == pytest.approx(exact, rel=1e-5)
+
+
 def test_random_intercept_training_kl_is_unbiased_over_the_data():
     ids = np.array([0, 0, 0, 1, 2, 2, 4])  # group 3 never appears: a new group
     layer = RandomIntercept(num_groups=5, initial_group_scale=0.7)

@@ -61,6 +61,19 @@ def test_nll_is_minus_the_tfp_log_prob(make):
 
 
 @pytest.mark.parametrize("make", LIKELIHOODS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_nll_is_the_mean_of_the_rows_nll_summed_over_outputs(make, weighted):
+    # The training loss's data term; the Gaussian adds its constant after averaging.
+    likelihood = make()
+    y = _targets(likelihood)
+    weight = TRIALS if isinstance(likelihood, Binomial) else WEIGHTS
+    weight = weight if weighted or isinstance(likelihood, Binomial) else None
+    mean = likelihood(ETA)
+    expected = likelihood.nll(y, mean, weight).numpy().sum(axis=-1).mean()
+    assert float(likelihood.mean_nll(y, mean, weight)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("make", LIKELIHOODS)
 def test_link_inverts_the_mean_and_config_round_trips(make):
     likelihood = make()
     np.testing.assert_allclose(likelihood.link(likelihood(ETA)), ETA, rtol=1e-4, atol=1e-4)

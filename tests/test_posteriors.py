@@ -1,7 +1,9 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from scipy import stats
 
 from reffects.posteriors import (
     Exponential,
@@ -11,6 +13,7 @@ from reffects.posteriors import (
     normal_kl,
     normal_summary,
     positive,
+    row_noise,
 )
 
 tfd = tfp.distributions
@@ -58,3 +61,21 @@ def test_normal_summary_interval():
     assert table["upper"][0] == pytest.approx(1.959964, 1e-5)
     with pytest.raises(ValueError, match="level"):
         normal_summary([0.0], [1.0], level=1.5)
+
+
+def test_row_noise_is_standard_normal_and_fresh_at_every_call():
+    generator = keras.random.SeedGenerator(3)
+    # An odd size inside a traced function with an unknown batch size, as in training.
+    draw = tf.function(
+        lambda x: row_noise(tf.shape(x), generator),
+        input_signature=[tf.TensorSpec((None, 1), tf.float32)],
+    )
+    first = draw(tf.zeros((50_001, 1))).numpy()
+    second = draw(tf.zeros((50_001, 1))).numpy()
+    assert first.shape == (50_001, 1)
+    # KS against N(0, 1): with 50,001 draws a p-value under 0.01 would be a real departure.
+    assert stats.kstest(first[:, 0], "norm").pvalue > 0.01
+    # The cosine and sine halves of Box-Muller are independent; so are two calls.
+    half = 25_000
+    for a, b in [(first[:half, 0], first[half : 2 * half, 0]), (first[:, 0], second[:, 0])]:
+        assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(len(a))  # 4 sd of a zero correlation
