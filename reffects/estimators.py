@@ -454,7 +454,7 @@ class _MixedModelEstimator(BaseEstimator):
             fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
             features=data.features,
             # Without a subnetwork the predictor is the sum of the refined terms.
-            **({} if self.hidden_units else {"held": 0.0}),
+            held=None if self.hidden_units else 0.0,
         )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history.history

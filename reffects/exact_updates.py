@@ -262,8 +262,8 @@ def refine_gaussian(
             if linear is not None:
                 # With the factor's groups trained, alpha is solved jointly with its offsets.
                 joint = factor["seen"].any()
-                held = slice(1, None) if joint else slice(None)
-                weighted_sum -= factor["design_sums"][:, held] @ linear["mean"][held]
+                columns = slice(1, None) if joint else slice(None)
+                weighted_sum -= factor["design_sums"][:, columns] @ linear["mean"][columns]
                 if joint:
                     intercept_prior = (linear["prior_loc"][0], linear["prior_precision"][0])
             factor_change, alpha = _update_factor(
