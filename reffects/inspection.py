@@ -179,9 +179,32 @@ class _Fit:
         return float(keras.ops.convert_to_numpy(self.likelihood.noise_scale()))
 
     def predict(self, X) -> np.ndarray:
+        """The response mean at the posterior means (a classifier's P(y = classes_[1]))."""
         if self.estimator is not None:
+            if hasattr(self.estimator, "classes_"):
+                return np.asarray(self.estimator.predict_proba(X)[:, 1], dtype="float64")
             return np.asarray(self.estimator.predict(X), dtype="float64")
         return np.asarray(self.model.predict(X, verbose=0), dtype="float64").reshape(-1)
+
+    def response(self, y) -> np.ndarray:
+        """y as numbers on the scale of `predict`: a classifier's labels as 1 for
+        `classes_[1]` and 0 for `classes_[0]`, anything else as given."""
+        classes = getattr(self.estimator, "classes_", None)
+        if classes is None:
+            return _as_vector(y)
+        labels = np.asarray(y)
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1:
+            raise ValueError(f"y must be 1-dimensional. Received shape {labels.shape}")
+        unknown = ~np.isin(labels, classes)
+        if unknown.any():
+            row = int(np.argmax(unknown))
+            raise ValueError(
+                f"y holds {labels.tolist()[row]!r} at row {row}, which is not one of the "
+                f"classifier's classes_ {classes.tolist()}"
+            )
+        return (labels == classes[1]).astype("float64")
 
     def group_codes(self, key, X) -> np.ndarray:
         """Each row's index into `self.levels[key]`, -1 for a level not seen in training."""
@@ -205,7 +228,13 @@ class _Fit:
 
 
 def _as_vector(y) -> np.ndarray:
-    values = np.asarray(y, dtype="float64")
+    try:
+        values = np.asarray(y, dtype="float64")
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"y must be numeric. Received dtype {np.asarray(y).dtype}; a classifier's labels "
+            "are read through the fitted estimator (pass it, not its model_)"
+        ) from None
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1:
@@ -293,12 +322,15 @@ def variance_components(obj, level: float = 0.95) -> pd.DataFrame:
 
 
 def residuals(obj, X, y) -> np.ndarray:
-    """`y` minus the posterior-mean prediction for `X`.
+    """`y` minus the posterior-mean prediction for `X` (the response mean).
+
+    For a `RandomEffectsClassifier`, y's labels count 1 for `classes_[1]` and 0 otherwise,
+    and the prediction is P(y = classes_[1]).
 
     Args:
-        obj: an `ELBOModel` or a fitted `RandomEffectsRegressor`.
+        obj: an `ELBOModel`, or a fitted `RandomEffectsRegressor` or `RandomEffectsClassifier`.
         X: the inputs, as given to `predict`.
-        y: the response, shape `(n,)` or `(n, 1)`.
+        y: the response (or a classifier's labels), shape `(n,)` or `(n, 1)`.
 
     Returns:
         An array of shape `(n,)`.
@@ -309,7 +341,8 @@ def residuals(obj, X, y) -> np.ndarray:
         >>> residuals(model, np.array([0, 1]), np.array([1.0, -1.0]))
         array([ 1., -1.])
     """
-    return _as_vector(y) - _Fit(obj).predict(X)
+    fit = _Fit(obj)
+    return fit.response(y) - fit.predict(X)
 
 
 def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.DataFrame:
@@ -358,7 +391,7 @@ def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.D
         return frame
     if X is None or y is None:
         raise ValueError("Pass both X and y (the training data) for the group statistics.")
-    target = _as_vector(y)
+    target = fit.response(y)
     codes = fit.group_codes(key, X)
     if len(codes) != len(target):
         raise ValueError(f"X has {len(codes)} rows but y has {len(target)}")

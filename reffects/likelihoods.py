@@ -182,6 +182,14 @@ def _clipped_probability(mean):
     return ops.clip(mean, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
 
 
+def _assert_no_nan(values, what):
+    """An op that fails when `values` holds a NaN (eagerly: raises at once)."""
+    return tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(tf.math.is_nan(values))),
+        [f"cannot sample y: a {what} is NaN (did training diverge?)"],
+    )
+
+
 def _stateless(seed):
     """A TFP stateless seed from an int or None."""
     if seed is None:
@@ -267,7 +275,8 @@ class Binomial(_LogitLink):
 
     def sample(self, mean, trials=None, seed=None):
         trials = ops.ones_like(mean) if trials is None else ops.cast(trials, mean.dtype)
-        counts = tfd.Binomial(total_count=trials, probs=mean).sample(seed=_stateless(seed))
+        with tf.control_dependencies([_assert_no_nan(mean, "Binomial probability")]):
+            counts = tfd.Binomial(total_count=trials, probs=mean).sample(seed=_stateless(seed))
         return counts / trials
 
     def variance(self, mean, trials=None):
@@ -328,7 +337,9 @@ class Poisson(Likelihood):
         return _weighted(nll, sample_weight)
 
     def sample(self, mean, trials=None, seed=None):
-        return tfd.Poisson(rate=mean).sample(seed=_stateless(seed))
+        # TFP's Poisson sampler loops forever on a NaN rate: fail instead.
+        with tf.control_dependencies([_assert_no_nan(mean, "Poisson rate")]):
+            return tfd.Poisson(rate=mean).sample(seed=_stateless(seed))
 
     def variance(self, mean, trials=None):
         return mean

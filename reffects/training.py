@@ -289,6 +289,65 @@ class ELBOModel(keras.Model):
         return cls(**config)
 
 
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training at the end of the epoch whose loss is NaN or infinite, and says so.
+
+    Keras's `TerminateOnNaN` stops silently and reads the loss after every batch (a sync of
+    the device each step); this one reads the epoch's mean loss, which is NaN or infinite
+    as soon as one step's loss was. After `fit`, `diverged_at` is the (1-based) epoch that
+    diverged, or None, and `loss` the non-finite value; `message(learning_rate)` is the
+    error to report.
+
+    Example:
+        >>> stop = StopOnNonFiniteLoss()
+        >>> model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> x = np.array([[1.0], [np.nan]])
+        >>> _ = model.fit(x, np.zeros(2), epochs=5, verbose=0, callbacks=[stop])
+        >>> stop.diverged_at, len(model.history.history["loss"])
+        (1, 1)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.diverged_at = None
+        self.loss = None
+
+    def on_train_begin(self, logs=None):
+        self.diverged_at = None
+        self.loss = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.diverged_at, self.loss = epoch + 1, float(loss)
+            self.model.stop_training = True
+
+    def message(self, learning_rate) -> str:
+        """The error for a training run that diverged (None when it did not)."""
+        if self.diverged_at is None:
+            return None
+        return (
+            f"training diverged: the loss became {self.loss} at epoch {self.diverged_at}; "
+            f"lower `learning_rate` (got {learning_rate})"
+        )
+
+
+def check_finite_parameters(model) -> None:
+    """Raises a `ValueError` naming the first weight of `model` that is NaN or infinite.
+
+    Drawing from a distribution with a NaN parameter can hang (TFP's Poisson sampler loops
+    forever on a NaN rate), so the samplers check first.
+    """
+    for weight in model.weights:
+        values = ops.convert_to_numpy(weight)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(
+                f"the model's weight '{weight.path}' is NaN or infinite, so its posterior "
+                "cannot be sampled; training diverged (refit with a lower learning rate)"
+            )
+
+
 _ROWS_PER_PASS = 2**18
 """Posterior predictive draws run on at most this many rows (draws x rows) at a time."""
 
@@ -392,6 +451,7 @@ def sample_predictive(
     if _is_stream(x):
         raise ValueError("sample_predictive takes in-memory inputs, not a stream")
     model._check_group_ids(x)
+    check_finite_parameters(model)
     num_rows = len(keras.tree.flatten(x)[0])
     if trials is not None:
         trials = np.asarray(trials, dtype="float32").reshape(num_rows, 1)
@@ -405,8 +465,16 @@ def sample_predictive(
         )
         eta = network(tiled, training=False)
         mean = model.likelihood(ops.reshape(eta, (per_pass, num_rows, -1)))
+        mean_values = ops.convert_to_numpy(mean)
+        missing = np.isnan(mean_values)
+        if missing.any():
+            row = int(np.argwhere(missing)[0][1])
+            raise ValueError(
+                f"the response mean of row {row} is NaN under a posterior draw, so y cannot be "
+                "drawn; are the inputs of that row finite and of the training data's scale?"
+            )
         y = model.likelihood.sample(mean, trials=trials, seed=int(rng.integers(2**31 - 1)))
-        means.append(ops.convert_to_numpy(mean))
+        means.append(mean_values)
         draws.append(ops.convert_to_numpy(y))
     return {
         "mean": np.concatenate(means)[:num_samples],
