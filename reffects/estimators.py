@@ -7,6 +7,7 @@ Data flows one way: validate and encode X, standardise, build the Keras model wi
 import math
 import numbers
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -17,13 +18,18 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from reffects.exact_updates import refine_gaussian
+from reffects.finish import finish_gaussian
 from reffects.glmm_updates import refine_glmm
 from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import inverse_softplus
-from reffects.training import predict_interval, predict_means, sample_predictive
+from reffects.training import (
+    StopOnNonFiniteLoss,
+    predict_interval,
+    predict_means,
+    sample_predictive,
+)
 
 _MAX_BATCH_SIZE = 1024
 _MAX_SUBNETWORK_BATCH_SIZE = 256
@@ -37,7 +43,12 @@ _FEW_STEPS = 1000
 _FAMILIES = ("gaussian", "binomial", "poisson")
 _PREDICTIVE_DRAWS = 1000
 _INITIAL_GROUP_SCALE = 0.5
+_ROWS_PER_DRAW_CHUNK = 2_000_000  # rows x draws per chunk of predictive draws
 _INITIAL_NOISE_SCALE = 0.7
+_FLOAT32_MAX = float(np.finfo("float32").max)
+"""The model computes in float32: values it is given must stay below this."""
+_UNSEEN_WARNING_SHARE = 0.5
+"""Warn when more than this share of a factor's labels at predict were not seen in fit."""
 
 
 def default_schedule(
@@ -51,7 +62,7 @@ def default_schedule(
     fewer epochs: on the LMMNN simulation (`benchmarks/remnn_simulation.py`, 80,000 rows)
     256 x 13 epochs reached a test AUC of 0.809 where 1024 x 52 epochs, which overfits,
     reached 0.797. With `exact_finish` (a model without a subnetwork, which the
-    coordinate-ascent finish after SGD solves in full: `reffects.exact_updates` for a
+    finish after SGD solves in full: `reffects.finish` (lme4's REML) for a
     Gaussian model with point-estimate scales, `reffects.glmm_updates` for the other
     families) SGD is only a warm start: about 100 steps, at least one epoch, with larger
     batches where one epoch of 1024 rows would be more. On 784k rows
@@ -207,14 +218,47 @@ class _MixedModelEstimator(BaseEstimator):
                 "`validation_fraction` must be in (0, 1). "
                 f"Received: validation_fraction={self.validation_fraction!r}"
             )
-        if any(
-            not isinstance(u, numbers.Integral) or isinstance(u, bool) or u < 1
-            for u in self.hidden_units
+        self._hidden_layers()
+        self._seed = self._random_seed()
+
+    def _hidden_layers(self) -> tuple:
+        """`hidden_units` as a tuple of layer widths; an int is one layer, as in MLPRegressor."""
+        units = self.hidden_units
+        if _is_positive_int(units):
+            return (int(units),)
+        if (
+            isinstance(units, (str, bytes, dict))
+            or not np.iterable(units)
+            or not all(_is_positive_int(u) for u in units)
         ):
             raise ValueError(
-                "`hidden_units` must be a tuple of positive integers. "
-                f"Received: hidden_units={self.hidden_units!r}"
+                "`hidden_units` must be a positive integer or a tuple of positive integers "
+                f"(() for no subnetwork). Received: hidden_units={units!r}"
             )
+        return tuple(int(u) for u in units)
+
+    def _random_seed(self) -> int:
+        """The one int seed of a fit, from `random_state` (None, an int or a RandomState).
+
+        An int is used as it is; a RandomState gives one draw (advancing it, as scikit-learn
+        estimators do); None a fresh random seed.
+        """
+        state = self.random_state
+        if state is None:
+            return int(np.random.default_rng().integers(2**31 - 1))
+        if isinstance(state, numbers.Integral) and not isinstance(state, bool):
+            if not 0 <= state < 2**32:
+                raise ValueError(
+                    "`random_state` must be None, an integer in [0, 2**32 - 1] or a "
+                    f"numpy.random.RandomState. Received: random_state={state!r}"
+                )
+            return int(state)
+        if isinstance(state, np.random.RandomState):
+            return int(state.randint(2**31 - 1))
+        raise ValueError(
+            "`random_state` must be None, an integer in [0, 2**32 - 1] or a "
+            f"numpy.random.RandomState. Received: random_state={state!r}"
+        )
 
     def _group_positions(self, X):
         if self.group_cols is None:
@@ -278,6 +322,33 @@ class _MixedModelEstimator(BaseEstimator):
             )
         return frame
 
+    def _align_columns(self, frame, reset):
+        """The columns of `frame` in fit's order, found by name as in fit.
+
+        Group columns are found by name and the features are the other columns in order, so
+        a DataFrame whose columns come in another order than in fit is put back in fit's
+        order. (scikit-learn already rejects reordered string names; this covers other
+        labels, such as integers.) A frame with default labels 0..n-1, as an ndarray gets,
+        is taken by position; other labels must be the ones seen in fit.
+        """
+        labels = list(frame.columns)
+        if reset:
+            self._fit_columns = labels
+            return frame
+        fitted = getattr(self, "_fit_columns", None)
+        if fitted is None or labels == fitted or labels == list(range(len(labels))):
+            return frame
+        if fitted == list(range(len(fitted))) or len(set(fitted)) != len(fitted):
+            return frame  # fitted on positions (an ndarray) or repeated names: by position
+        if len(set(labels)) == len(labels) and set(labels) == set(fitted):
+            return frame[fitted]
+        missing = [c for c in fitted if c not in labels]
+        unexpected = [c for c in labels if c not in fitted]
+        raise ValueError(
+            f"X's columns differ from those seen in fit: missing {missing}, unexpected "
+            f"{unexpected}; pass the columns of fit ({fitted}), in any order"
+        )
+
     def _split_columns(self, X, reset):
         """Validated (features as float64, group columns' labels, group keys, and
         the positions in the features of the subnetwork's columns)."""
@@ -285,25 +356,42 @@ class _MixedModelEstimator(BaseEstimator):
         validate_data(
             self, frame, reset=reset, dtype=None, ensure_all_finite=False, skip_check_array=True
         )
+        frame = self._align_columns(frame, reset)
         cols, positions = self._group_positions(frame)
         groups = []
         for col, pos in zip(cols, positions):
             values = _group_labels(frame.iloc[:, pos])
-            bad = pd.isna(values) | np.isin(values, [np.inf, -np.inf])
-            if bad.any():
+            # Missing values first: comparing pd.NA with anything is an error of its own.
+            missing = pd.isna(values)
+            if missing.any():
                 raise ValueError(
-                    f"group column {col!r} holds NaN, None or infinity at row "
-                    f"{int(np.argmax(bad))}; every row needs a group label"
+                    f"group column {col!r} has a missing value at row {int(np.argmax(missing))} "
+                    "(NaN, None or NA); every row needs a group label"
+                )
+            infinite = np.isin(values, [np.inf, -np.inf])
+            if infinite.any():
+                raise ValueError(
+                    f"group column {col!r} holds infinity at row {int(np.argmax(infinite))}; "
+                    "every row needs a finite group label"
                 )
             groups.append(values)
         names = [str(c) for c in frame.columns]
         feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
+        if reset:
+            self._feature_labels = [names[pos] for pos in feature_positions]
         subnetwork_features = self._subnetwork_positions(frame, positions, feature_positions)
         features = np.empty((frame.shape[0], len(feature_positions)))
         for j, pos in enumerate(feature_positions):
+            column = frame.iloc[:, pos]
             try:
-                features[:, j] = frame.iloc[:, pos].to_numpy(dtype="float64")
+                features[:, j] = column.to_numpy(dtype="float64")
             except (ValueError, TypeError) as error:
+                missing = np.asarray(pd.isna(column))
+                if missing.any():
+                    raise ValueError(
+                        f"feature column {names[pos]!r} has a missing value at row "
+                        f"{int(np.argmax(missing))} (NaN, None or NA)"
+                    ) from None
                 raise type(error)(
                     f"feature column {names[pos]!r} is not numeric ({error}); "
                     "list it in `group_cols` if it is a grouping factor"
@@ -320,13 +408,36 @@ class _MixedModelEstimator(BaseEstimator):
     def _check_sample_weight(sample_weight, num_rows):
         if sample_weight is None:
             return None
-        weights = np.asarray(sample_weight, dtype="float64")
+        given = np.asarray(sample_weight)
+        try:
+            weights = given.astype("float64")
+        except (ValueError, TypeError):
+            missing = np.asarray(pd.isna(given))
+            if missing.any():
+                raise ValueError(
+                    "`sample_weight` has a missing value at row "
+                    f"{int(np.argmax(missing.reshape(-1)))}"
+                ) from None
+            raise ValueError(
+                "`sample_weight` must hold numbers (frequency weights, >= 0). Received "
+                f"dtype {given.dtype}: sample_weight[:3]={given.reshape(-1)[:3].tolist()!r}"
+            ) from None
         if weights.ndim != 1 or len(weights) != num_rows:
             raise ValueError(
                 f"sample_weight must have shape ({num_rows},); got shape {weights.shape}"
             )
-        if not np.all(np.isfinite(weights)) or (weights < 0).any():
-            raise ValueError("sample_weight must hold finite, non-negative values")
+        bad = ~np.isfinite(weights) | (weights < 0)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                "sample_weight must hold finite, non-negative values; got "
+                f"sample_weight={weights[row]:g} at row {row}"
+            )
+        if weights.max() > _FLOAT32_MAX:
+            raise ValueError(
+                f"sample_weight reaches {weights.max():g}, beyond the largest float32 "
+                f"({_FLOAT32_MAX:.4g}) the model computes in; rescale the weights"
+            )
         if not weights.any():
             raise ValueError("sample_weight is zero for every row; nothing to fit")
         return weights
@@ -334,28 +445,33 @@ class _MixedModelEstimator(BaseEstimator):
     # ----------------------------------------------------------------------- encoding
     def _encode(self, X, reset):
         features, groups, cols, subnetwork_features = self._split_columns(X, reset)
-        # `features` is this method's own copy, standardised in place; the column sums go
-        # through BLAS (`ones @ features`), several times faster than `mean(axis=0)`.
-        num_rows = len(features)
+        # `features` is this method's own copy, standardised in place.
         if reset:
             self._group_keys = cols
             self._subnetwork_features = subnetwork_features
-            self._levels = [pd.Index(pd.unique(pd.Series(values))) for values in groups]
-            self._feature_mean = np.ones(num_rows) @ features / num_rows
-        features -= self._feature_mean
-        if reset:
-            scale = np.sqrt(np.ones(num_rows) @ np.square(features) / num_rows)
-            # A constant column keeps rounding noise (~1e-14 of its mean) after centring;
-            # it stays a column of (near) zeros instead of being blown up to +-1.
-            constant = scale <= 1e-8 * np.abs(self._feature_mean)
-            self._feature_scale = np.where(constant | (scale == 0), 1.0, scale)
-        features /= self._feature_scale
+            self._levels = [_group_levels(col, values) for col, values in zip(cols, groups)]
+            self._feature_mean, self._feature_scale = _standardise(
+                features, self._feature_labels, "feature column"
+            )
+        else:
+            features -= self._feature_mean
+            features /= self._feature_scale
+        model_features = features.astype("float32")
+        too_large = ~np.isfinite(model_features)
+        if too_large.any():
+            row, j = np.argwhere(too_large)[0]
+            raise ValueError(
+                f"feature column {self._feature_labels[j]!r} at row {row} is "
+                f"{features[row, j]:.3g} standard deviations from its mean in fit, beyond "
+                f"the largest float32 ({_FLOAT32_MAX:.4g}) the model computes in; "
+                "rescale the column"
+            )
         # Unseen labels map to the reserved last row: a new group, never trained.
         codes = [
-            np.where((c := levels.get_indexer(values)) < 0, len(levels), c).astype("int64")
-            for levels, values in zip(self._levels, groups)
+            _group_codes(col, levels, values, warn_unseen=not reset)
+            for col, levels, values in zip(cols, self._levels, groups)
         ]
-        return _EncodedData(features.astype("float32"), codes)
+        return _EncodedData(model_features, codes)
 
     # ----------------------------------------------------------------------- fitting
     def _fit(self, X, y, sample_weight, callbacks):
@@ -377,17 +493,12 @@ class _MixedModelEstimator(BaseEstimator):
         batch_size, epochs = default_schedule(num_rows, exact_finish, bool(self.hidden_units))
         batch_size = min(self.batch_size or batch_size, num_rows)
         epochs = self.epochs or epochs
-        seed = (
-            np.random.default_rng().integers(2**31 - 1)
-            if self.random_state is None
-            else self.random_state
-        )
-        self._seed = seed = int(seed)
+        seed = self._seed  # set by _check_params from random_state
 
         self.model_ = build_mixed_model(
             num_features=data.features.shape[1],
             num_groups=[len(levels) + 1 for levels in self._levels],
-            hidden_units=tuple(self.hidden_units),
+            hidden_units=self._hidden_layers(),
             subnetwork_features=self._subnetwork_features,
             dropout=self.dropout,
             l2_regularization=self.l2_regularization,
@@ -440,26 +551,93 @@ class _MixedModelEstimator(BaseEstimator):
             verbose=self.verbose,
         )
         network = self.model_.network
-        refine = refine_gaussian if isinstance(likelihood, Gaussian) else refine_glmm
-        refine(
-            self.model_,
-            data.model_inputs(),
-            model_y,
-            {
-                network.get_layer(f"random_intercept_{k}"): codes
-                for k, codes in enumerate(data.codes)
-            },
-            sample_weight=weights,
-            intercept=network.get_layer("global_intercept"),
-            fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
-            features=data.features,
-            # Without a subnetwork the predictor is the sum of the refined terms.
-            held=None if self.hidden_units else 0.0,
-        )
+        self.joint_posterior_ = None
+        if isinstance(likelihood, Gaussian):
+            fixed_effects = network.get_layer("fixed_effects") if data.features.size else None
+            self.joint_posterior_ = finish_gaussian(
+                self.model_,
+                network.get_layer("global_intercept"),
+                [
+                    (network.get_layer(f"random_intercept_{k}"), codes)
+                    for k, codes in enumerate(data.codes)
+                ],
+                fixed_effects,
+                data.features,
+                y=model_y,
+                # Without a subnetwork the predictor is the sum of the finished terms.
+                held=self._subnetwork_part(data) if self.hidden_units else 0.0,
+                sample_weight=weights,
+                reml=self.reml,
+            )
+        else:
+            refine_glmm(
+                self.model_,
+                data.model_inputs(),
+                model_y,
+                {
+                    network.get_layer(f"random_intercept_{k}"): codes
+                    for k, codes in enumerate(data.codes)
+                },
+                sample_weight=weights,
+                intercept=network.get_layer("global_intercept"),
+                fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
+                features=data.features,
+                # Without a subnetwork the predictor is the sum of the refined terms.
+                held=None if self.hidden_units else 0.0,
+            )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history.history
         self._read_posteriors()
         return self
+
+    def _fit_checked(self, X, y, sample_weight, callbacks):
+        """`_fit`, stopping SGD when its loss is not finite, and raising when it diverged.
+
+        An error after a diverged SGD (the finish on NaN weights) is reported as the
+        divergence it comes from.
+        """
+        callbacks = [*(callbacks or []), self._divergence_callback()]
+        try:
+            self._fit(X, y, sample_weight, callbacks)
+        except Exception as error:
+            self._raise_if_diverged(cause=error)
+            raise
+        self._check_finite_estimates()
+        return self
+
+    def _divergence_callback(self):
+        """A fresh `StopOnNonFiniteLoss` for this fit (`_raise_if_diverged` reads it)."""
+        self._divergence = StopOnNonFiniteLoss()
+        return self._divergence
+
+    def _raise_if_diverged(self, cause=None):
+        """After Keras's `fit`: a `ValueError` if the loss became NaN or infinite."""
+        # Popped: a callback holds the Keras model and has no place in a pickled estimator.
+        divergence = self.__dict__.pop("_divergence", None)
+        message = divergence.message(self.learning_rate) if divergence else None
+        if message:
+            raise ValueError(message) from cause
+
+    def _check_finite_estimates(self):
+        """After the finish: a `ValueError` naming the first estimate that is not finite."""
+        self._raise_if_diverged()
+        estimates = {"intercept_": self.intercept_, "coef_": self.coef_}
+        if hasattr(self, "noise_scale_"):
+            estimates["noise_scale_"] = self.noise_scale_
+        for col, sigma in self.variance_components_.items():
+            estimates[f"variance_components_[{col!r}]"] = sigma
+        for col, table in self.random_effects_.items():
+            for column in table.select_dtypes("number").columns:
+                estimates[f"random_effects_[{col!r}][{column!r}]"] = table[column].to_numpy()
+        for name, value in estimates.items():
+            values = np.asarray(value, dtype="float64")
+            if not np.all(np.isfinite(values)):
+                first = values.reshape(-1)[~np.isfinite(values.reshape(-1))][0]
+                raise ValueError(
+                    f"training diverged: the estimate {name} is {first} after the fit; lower "
+                    f"`learning_rate` (got {self.learning_rate}), and check that y and the "
+                    "features are finite and on a moderate scale"
+                )
 
     def _hold_out(self, X, y, sample_weight):
         """Splits off `validation_fraction` of the rows at random (seeded)."""
@@ -470,7 +648,8 @@ class _MixedModelEstimator(BaseEstimator):
                 f"validation_fraction={self.validation_fraction} leaves no training or no "
                 f"validation rows out of {num_rows}"
             )
-        order = np.random.default_rng(self.random_state).permutation(num_rows)
+        # `_seed` is the fit's one seed, set by `_check_params` from `random_state`.
+        order = np.random.default_rng(self._seed).permutation(num_rows)
         train, valid = np.sort(order[num_valid:]), np.sort(order[:num_valid])
 
         def rows(values, index):
@@ -557,6 +736,19 @@ class _MixedModelEstimator(BaseEstimator):
             table.index = levels.rename(col)
             self.random_effects_[col] = table
 
+    def _subnetwork_part(self, data):
+        """The subnetwork's output per row (the predictor less its linear part), on the
+        model's scale, at the current posterior means."""
+        network = self.model_.network
+        linear = float(network.get_layer("global_intercept").intercept_loc.numpy()[0])
+        if data.features.shape[1]:
+            kernel = network.get_layer("fixed_effects").kernel_loc.numpy()[:, 0]
+            linear = linear + data.features.astype("float64") @ kernel
+        for k, codes in enumerate(data.codes):
+            offsets = network.get_layer(f"random_intercept_{k}").posterior()["offset"].loc
+            linear = linear + offsets.numpy()[codes, 0]
+        return predict_means(network, data.model_inputs()) - linear
+
     def _posterior_mean_response(self, data):
         """The response mean at the posterior means, on the model's scale.
 
@@ -573,6 +765,10 @@ class _MixedModelEstimator(BaseEstimator):
         tags.input_tags.categorical = True
         tags.non_deterministic = self.random_state is None
         return tags
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _as_column_list(cols) -> list:
@@ -605,6 +801,109 @@ def _group_labels(column: pd.Series) -> np.ndarray:
     return values if values.dtype.kind in "iufb" else column.to_numpy(dtype=object)
 
 
+def _standardise(values: np.ndarray, labels, kind: str):
+    """Centres and scales the float64 columns of `values` in place; returns (mean, scale).
+
+    Stable for any spread around any mean (1000 + 1e-7 z) and any magnitude (1e200 z,
+    1e-200 z): a column is constant only when all its values are equal (it becomes exact
+    zeros, scale 1); the mean is corrected by the mean of the column centred at it (what
+    rounding left); the sd is taken after centring, of the column divided by its largest
+    |value|, whose squares neither overflow nor underflow. The columns are then centred
+    and scaled by the returned mean and scale, exactly as `predict` does. A column whose
+    centred values float64 cannot hold is an error naming it (`labels[j]`, a `kind` such
+    as "feature column").
+    """
+    num_rows = len(values)
+    ones = np.ones(num_rows)
+    highest, lowest = values.max(axis=0), values.min(axis=0)
+    constant = highest == lowest
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = ones @ values / num_rows  # BLAS: several times faster than `mean(axis=0)`
+        for j in np.flatnonzero(~np.isfinite(mean)):  # the sum overflowed
+            peak = max(abs(highest[j]), abs(lowest[j]))
+            mean[j] = peak * np.mean(values[:, j] / peak)
+        mean = np.where(constant, lowest, mean + ones @ (values - mean) / num_rows)
+        peak = np.maximum(highest - mean, mean - lowest)  # largest |centred value|
+    bad = ~(np.isfinite(mean) & np.isfinite(peak))
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise ValueError(
+            f"{kind} {labels[j]!r} is too large to centre in float64 (values from "
+            f"{lowest[j]:.3g} to {highest[j]:.3g}; their differences must stay below "
+            f"{np.finfo('float64').max:.3g}); rescale it"
+        )
+    values -= mean
+    peak = np.where(constant, 1.0, peak)
+    normalised = values / peak
+    np.square(normalised, out=normalised)
+    scale = np.where(constant, 1.0, peak * np.sqrt(ones @ normalised / num_rows))
+    values /= scale
+    return mean, scale
+
+
+def _unhashable_label_error(col, values) -> ValueError:
+    for row, value in enumerate(values):
+        try:
+            hash(value)
+        except TypeError:
+            return ValueError(
+                f"group column {col!r} holds an unhashable label at row {row} "
+                f"({type(value).__name__} {value!r}); group labels must be scalars such as "
+                "strings or integers"
+            )
+    return ValueError(f"group column {col!r} holds labels that cannot be compared")
+
+
+def _group_levels(col, values) -> pd.Index:
+    """The distinct labels of a group column, in order of first appearance."""
+    try:
+        return pd.Index(pd.unique(pd.Series(values)))
+    except TypeError:
+        raise _unhashable_label_error(col, values) from None
+
+
+def _group_codes(col, levels: pd.Index, values, warn_unseen: bool) -> np.ndarray:
+    """Each row's position in `levels`; unseen labels get `len(levels)` (a new group).
+
+    With `warn_unseen`, warns when most rows' labels are unseen and they look like the
+    seen ones in another type (3 in fit, "3" now) or are of another kind altogether
+    (numbers in fit, strings now): then they are probably not new groups.
+    """
+    try:
+        codes = levels.get_indexer(values)
+    except TypeError:
+        raise _unhashable_label_error(col, values) from None
+    unseen = codes < 0
+    if warn_unseen and len(levels) and unseen.mean() > _UNSEEN_WARNING_SHARE:
+        _warn_if_label_types_differ(col, levels, pd.unique(pd.Series(values[unseen])), unseen)
+    return np.where(unseen, len(levels), codes).astype("int64")
+
+
+def _label_kind(labels) -> str:
+    kind = pd.api.types.infer_dtype(labels, skipna=True)
+    if kind in ("integer", "floating", "mixed-integer-float", "decimal", "boolean"):
+        return "number"
+    if kind in ("string", "bytes"):
+        return "string"
+    return kind
+
+
+def _warn_if_label_types_differ(col, levels, new_labels, unseen):
+    sample = new_labels[:1000]
+    seen_text = {str(label) for label in levels[:100_000]}
+    looks_seen = any(str(label) in seen_text for label in sample)
+    if not looks_seen and _label_kind(levels) == _label_kind(sample):
+        return  # new groups of the same kind: what GroupKFold gives, nothing to warn about
+    warnings.warn(
+        f"{unseen.mean():.0%} of the rows of group column {col!r} have labels not seen in fit "
+        f"(e.g. {sample[0]!r} of type {type(sample[0]).__name__}; fit saw labels such as "
+        f"{levels[0]!r} of type {type(levels[0]).__name__}). They are predicted as new "
+        "groups (offset 0); check that the labels have the same type as in fit.",
+        UserWarning,
+        stacklevel=6,  # the caller of predict (through _encode)
+    )
+
+
 class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     __doc__ = (
         """A Bayesian (generalised) linear mixed model, or random-effects neural network.
@@ -615,10 +914,12 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         poisson:  y ~ Poisson(exp(eta))
         alpha ~ Normal(0, prior_scale), beta ~ Normal(0, prior_scale)
 
-    Fitted by variational inference on the ELBO through Keras `fit`, which ends with
-    coordinate-ascent updates to the ELBO's optimum of everything but a subnetwork (and
-    q(sigma_k) of "gaussian" with a `scale_prior`): `reffects.exact_updates` for
-    "gaussian", `reffects.glmm_updates` otherwise. Features are standardised internally;
+    Fitted by variational inference on the ELBO through Keras `fit`, which ends with an
+    exact finish of everything but a subnetwork: for "gaussian", lme4's REML estimates
+    of the scales (ML with `reml=False`; a factor's sigma_k under a `scale_prior` stays
+    SGD's) and the exact joint posterior of the intercept, fixed effects and every offset
+    (`reffects.finish`, kept as `joint_posterior_`); for the other families, the
+    mean-field ELBO's optimum (`reffects.glmm_updates`). Features are standardised internally;
     for "gaussian" y is standardised too; for the other families y is not, so
     `prior_scale` is on the logit or log scale, as in Statistical Rethinking's m13.2
     (`prior_scale=1.5, scale_prior="exponential"`). Every estimate is reported on the data's
@@ -628,7 +929,10 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     ----------
     family : "gaussian", "binomial" or "poisson"
         For "binomial", y is the proportion of successes and `sample_weight` the number of
-        trials of each row (1 when none is given), as in R's `glm`."""
+        trials of each row (1 when none is given), as in R's `glm`.
+    reml : bool
+        "gaussian" only: the scales sigma_k and the noise scale by REML (lme4's default);
+        False: by maximum likelihood (lme4's `REML = FALSE`)."""
         + _SHARED_PARAMETERS
         + """
     Attributes
@@ -666,6 +970,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         dropout: float = 0.0,
         l2_regularization: float = 0.0,
         family: str = "gaussian",
+        reml: bool = True,
         epochs: int | None = None,
         batch_size: int | None = None,
         learning_rate: float = 0.01,
@@ -683,6 +988,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         self.dropout = dropout
         self.l2_regularization = l2_regularization
         self.family = family
+        self.reml = reml
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -697,15 +1003,30 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     def fit(self, X, y, sample_weight=None, *, callbacks=None):
         """Fits the model to X (group columns and numeric features) and y.
 
-        `callbacks` are Keras callbacks passed on to `fit`.
+        Parameters
+        ----------
+        X : DataFrame or array of shape (n_samples, n_columns)
+        y : array of shape (n_samples,)
+        sample_weight : array of shape (n_samples,) or None
+            Frequency weights: a row of weight w counts as w identical rows, so the total
+            weight is how much data the priors are weighed against. Weights that sum to 1
+            make the whole data worth one row, and the priors dominate; for relative
+            weights, rescale them to sum to the number of rows. For family="binomial", the
+            number of trials of each row instead (1 when None).
+        callbacks : list of Keras callbacks, passed on to Keras's `fit`
+
+        Raises a `ValueError` when training diverges (the loss becomes NaN or infinite,
+        which stops it, or an estimate is not finite): lower `learning_rate`.
         """
         if self.family not in _FAMILIES:
             raise ValueError(
                 f"`family` must be one of {', '.join(map(repr, _FAMILIES))}. "
                 f"Received: family={self.family!r}"
             )
+        if not isinstance(self.reml, (bool, np.bool_)):
+            raise ValueError(f"`reml` must be True or False. Received: reml={self.reml!r}")
         X = self._as_frame(X)
-        return self._fit(X, _target_vector(self, y, X), sample_weight, callbacks)
+        return self._fit_checked(X, _target_vector(self, y, X), sample_weight, callbacks)
 
     def _model_target(self, y, weights):
         """The likelihood and y on the model's scale (standardised for "gaussian")."""
@@ -718,14 +1039,21 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             raise ValueError(f"y contains NaN or infinity (first at row {int(np.argmax(bad))})")
         if self.family == "gaussian":
             likelihood = Gaussian(initial_noise_scale=_INITIAL_NOISE_SCALE)
-            self._y_mean = float(target.mean())
-            y_scale = float(target.std())
-            self._y_scale = y_scale if y_scale > 0 else 1.0
-        else:
-            likelihood = get_likelihood(self.family)
-            target = likelihood.check_targets(target, weights)
-            self._y_mean, self._y_scale = 0.0, 1.0
-        return likelihood, ((target - self._y_mean) / self._y_scale).astype("float32")
+            # Stable for any magnitude (y * 1e200 included): centred, then scaled (1 for a
+            # constant y); the model sees the standardised y, the estimates are mapped back.
+            standardised = target[:, None].copy()
+            mean, scale = _standardise(standardised, ["y"], "target")
+            self._y_mean, self._y_scale = float(mean[0]), float(scale[0])
+            return likelihood, standardised[:, 0].astype("float32")
+        likelihood = get_likelihood(self.family)
+        target = likelihood.check_targets(target, weights)
+        if np.abs(target).max() > _FLOAT32_MAX:
+            raise ValueError(
+                f"y reaches {np.abs(target).max():.3g}, beyond the largest float32 "
+                f"({_FLOAT32_MAX:.4g}) the model computes in for family={self.family!r}"
+            )
+        self._y_mean, self._y_scale = 0.0, 1.0
+        return likelihood, target.astype("float32")
 
     def predict(self, X, return_std: bool = False, trials=None):
         """Predictions at the posterior means; with `return_std`, also the predictive sd.
@@ -739,6 +1067,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         """
         check_is_fitted(self, "model_")
         data = self._encode(X, reset=False)
+        trials = self._check_trials(trials, len(data.features))
         mean = self._y_mean + self._y_scale * self._posterior_mean_response(data)
         if not return_std:
             return mean
@@ -747,7 +1076,6 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         draws = sample_predictive(
             self.model_, data.model_inputs(), _PREDICTIVE_DRAWS, seed=self._seed
         )["mean"][..., 0].astype("float64")
-        trials = self._check_trials(trials, len(mean))
         variance = np.mean(self.model_.likelihood.variance(draws, trials), axis=0)
         return mean, np.sqrt(variance + np.var(draws, axis=0))
 
@@ -771,6 +1099,9 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         check_is_fitted(self, "model_")
         data = self._encode(X, reset=False)
         trials = self._check_trials(trials, len(data.features))
+        if self.family == "gaussian":
+            lower, upper = self._gaussian_interval(data, level, num_samples)
+            return self._y_mean + self._y_scale * lower, self._y_mean + self._y_scale * upper
         lower, upper = predict_interval(
             self.model_,
             data.model_inputs(),
@@ -796,18 +1127,33 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         return trials
 
     def _predictive_variance(self, data):
-        """Var(y_new) on the standardised scale: q's variance of eta plus the noise."""
-        network = self.model_.network
-        intercept_sd = network.get_layer("global_intercept").posterior().scale.numpy()[0]
-        variance = np.full(len(data.features), float(intercept_sd) ** 2)
-        if data.features.shape[1]:
-            kernel_sd = network.get_layer("fixed_effects").posterior().scale.numpy()[:, 0]
-            variance += np.square(data.features) @ np.square(kernel_sd)
-        variance += float(self.model_.likelihood.noise_scale()) ** 2
-        for k, group_codes in enumerate(data.codes):
-            offset = network.get_layer(f"random_intercept_{k}").posterior()["offset"]
-            variance += offset.scale.numpy()[group_codes, 0] ** 2
-        return variance
+        """Var(y_new) on the standardised scale: the joint posterior's variance of the
+        linear predictor (its correlations included) plus the noise."""
+        design = np.column_stack([np.ones(len(data.features)), data.features])
+        variance = self.joint_posterior_.predictor_variance(design, data.codes)
+        return variance + float(self.model_.likelihood.noise_scale()) ** 2
+
+    def _gaussian_interval(self, data, level, num_samples):
+        """Central predictive intervals on the standardised scale, from joint draws of the
+        linear predictor (rows of one group share its offset) plus Normal noise."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"`level` must be in (0, 1). Received: level={level}")
+        rng = np.random.default_rng(self._seed)
+        design = np.column_stack([np.ones(len(data.features)), data.features])
+        subnetwork = self._subnetwork_part(data) if self.hidden_units else 0.0
+        tail = (1.0 - level) / 2.0
+        lower, upper = np.empty(len(design)), np.empty(len(design))
+        rows_per_chunk = max(1, _ROWS_PER_DRAW_CHUNK // num_samples)
+        for start in range(0, len(design), rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            eta = self.joint_posterior_.sample_predictor(
+                design[rows], [c[rows] for c in data.codes], num_samples, rng
+            )
+            noise_scale = float(self.model_.likelihood.noise_scale())
+            y = eta + noise_scale * rng.standard_normal(eta.shape)
+            y += subnetwork[rows] if self.hidden_units else 0.0
+            lower[rows], upper[rows] = np.quantile(y, [tail, 1.0 - tail], axis=0)
+        return lower, upper
 
 
 class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
@@ -881,7 +1227,19 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     def fit(self, X, y, sample_weight=None, *, callbacks=None):
         """Fits the model to X (group columns and numeric features) and labels y.
 
-        `callbacks` are Keras callbacks passed on to `fit`.
+        Parameters
+        ----------
+        X : DataFrame or array of shape (n_samples, n_columns)
+        y : array of shape (n_samples,), two distinct labels
+        sample_weight : array of shape (n_samples,) or None
+            Frequency weights: a row of weight w counts as w identical rows, so the total
+            weight is how much data the priors are weighed against. Weights that sum to 1
+            make the whole data worth one row, and the priors dominate; for relative
+            weights, rescale them to sum to the number of rows.
+        callbacks : list of Keras callbacks, passed on to Keras's `fit`
+
+        Raises a `ValueError` when training diverges (the loss becomes NaN or infinite,
+        which stops it, or an estimate is not finite): lower `learning_rate`.
         """
         X = self._as_frame(X)
         y = _target_vector(self, y, X)
@@ -895,7 +1253,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
                 f"{classes.tolist()[:10]}"
             )
         self.classes_ = classes
-        return self._fit(X, y, sample_weight, callbacks)
+        return self._fit_checked(X, y, sample_weight, callbacks)
 
     def _model_target(self, y, weights):
         self._y_mean, self._y_scale = 0.0, 1.0
@@ -932,4 +1290,8 @@ def _target_vector(estimator, y, X):
     y = column_or_1d(np.asarray(y), warn=True)
     if len(y) != len(X):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    if y.dtype == object:  # None or pd.NA; numeric NaN is reported by each estimator
+        missing = np.asarray(pd.isna(y))
+        if missing.any():
+            raise ValueError(f"y has a missing value at row {int(np.argmax(missing))}")
     return y

@@ -1,6 +1,6 @@
 """Coordinate-ascent finish for non-Gaussian models, after stochastic training.
 
-The counterpart of `reffects.exact_updates` for the Bernoulli, Binomial and Poisson
+The counterpart of `reffects.finish` for the Bernoulli, Binomial and Poisson
 likelihoods. It maximises the very ELBO the model trains (the mean-field one of
 `reffects.layers`), block by block, holding everything else fixed. Row i's predictor is
 
@@ -284,7 +284,7 @@ def refine_glmm(
     if not isinstance(likelihood, (Bernoulli, Binomial, Poisson)):
         raise ValueError(
             "refine_glmm needs a Bernoulli, Binomial or Poisson likelihood (use "
-            f"reffects.exact_updates.refine_gaussian for Gaussian); got {type(likelihood).__name__}"
+            f"reffects.finish.finish_gaussian for Gaussian); got {type(likelihood).__name__}"
         )
     y = np.asarray(y, dtype="float64").reshape(-1)
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")

@@ -163,6 +163,14 @@ class _Fit:
             np.concatenate(scales).astype("float64"),
         )
 
+    def linear_covariance(self):
+        """Posterior covariance of [alpha, *beta] on the layers' scale: the joint
+        posterior's where an estimator's finish computed one, else q's (diagonal)."""
+        joint = getattr(self.estimator, "joint_posterior_", None)
+        if joint is not None:
+            return joint.fixed_covariance()
+        return np.diag(np.square(self.linear_posterior()[1]))
+
     def intercept_mean(self) -> float:
         """Posterior mean of the global intercept on the reported scale (0 without one)."""
         if self.intercept is None:
@@ -267,10 +275,10 @@ def fixed_effects(obj, level: float = 0.95) -> pd.DataFrame:
         (['(Intercept)', 'x0', 'x1'], ['mean', 'sd', 'lower', 'upper'])
     """
     fit = _Fit(obj)
-    loc, scale = fit.linear_posterior()
-    # q is a product of Normals, so an affine map of it is Normal with these moments.
+    loc, _ = fit.linear_posterior()
+    # The posterior is Normal, so an affine map of it is Normal with these moments.
     mean = fit.shift + fit.matrix @ loc
-    sd = np.sqrt(np.square(fit.matrix) @ np.square(scale))
+    sd = np.sqrt(np.diag(fit.matrix @ fit.linear_covariance() @ fit.matrix.T))
     frame = pd.DataFrame(normal_summary(mean, sd, level), index=fit.term_names)
     frame.index.name = "term"
     return frame
@@ -437,6 +445,9 @@ def posterior_draws(obj, num_draws: int = 1000, seed: int | None = None) -> dict
     fit = _Fit(obj)
     rng = np.random.default_rng(seed)
     draws = {}
+    joint = getattr(fit.estimator, "joint_posterior_", None)
+    if joint is not None:
+        return _joint_draws(fit, joint, num_draws, rng)
     loc, scale = fit.linear_posterior()
     if loc.size:
         linear = loc + scale * rng.standard_normal((num_draws, loc.size))
@@ -464,6 +475,23 @@ def posterior_draws(obj, num_draws: int = 1000, seed: int | None = None) -> dict
         name = str(key)
         draws[f"offset_{name}"] = fit.response_scale * offsets
         draws[f"sigma_{name}"] = fit.response_scale * sigma
+    noise_scale = fit.noise_scale()
+    if noise_scale is not None:
+        draws["noise_scale"] = np.full(num_draws, noise_scale)
+    return draws
+
+
+def _joint_draws(fit, joint, num_draws, rng) -> dict:
+    """`posterior_draws` from an estimator's joint posterior (its correlations kept)."""
+    fixed, offsets = joint.sample(num_draws, rng)
+    linear = fit.shift + fixed @ fit.matrix.T
+    draws = {"intercept": linear[:, 0]}
+    if fit.fixed is not None:
+        draws["coef"] = linear[:, 1:]
+    for k, (key, layer) in enumerate(fit.factors.items()):
+        sigma = float(keras.ops.convert_to_numpy(layer.group_scale())[0])
+        draws[f"offset_{key}"] = fit.response_scale * offsets[k][:, : len(fit.levels[key])]
+        draws[f"sigma_{key}"] = np.full(num_draws, fit.response_scale * sigma)
     noise_scale = fit.noise_scale()
     if noise_scale is not None:
         draws["noise_scale"] = np.full(num_draws, noise_scale)

@@ -145,6 +145,13 @@ class GlobalIntercept(keras.layers.Layer):
         """q(alpha) as a `tfd.Normal` of shape `(units,)`."""
         return tfd.Normal(self.intercept_loc, positive(self.intercept_untransformed_scale))
 
+    def set_posterior(self, mean, sd):
+        """Sets q(alpha) = Normal(mean, sd) (arrays of shape `(units,)`)."""
+        self.intercept_loc.assign(np.reshape(mean, (self.units,)).astype("float32"))
+        self.intercept_untransformed_scale.assign(
+            np.reshape(inverse_softplus(sd), (self.units,)).astype("float32")
+        )
+
     def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
         """Posterior mean, sd and central `level` interval, one row per unit."""
         loc = ops.convert_to_numpy(self.intercept_loc)[None, :]
@@ -253,6 +260,14 @@ class FixedEffects(keras.layers.Layer):
     def posterior(self):
         """q(beta) as a `tfd.Normal` of shape `(num_features, units)`."""
         return tfd.Normal(self.kernel_loc, positive(self.kernel_untransformed_scale))
+
+    def set_posterior(self, mean, sd):
+        """Sets q(beta) = Normal(mean, sd) (arrays of shape `(num_features, units)`)."""
+        shape = tuple(self.kernel_loc.shape)
+        self.kernel_loc.assign(np.reshape(mean, shape).astype("float32"))
+        self.kernel_untransformed_scale.assign(
+            np.reshape(inverse_softplus(sd), shape).astype("float32")
+        )
 
     def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
         """Posterior mean, sd and central `level` interval, one row per feature."""
@@ -579,6 +594,25 @@ class RandomIntercept(keras.layers.Layer):
                 self.log_group_scale_loc, positive(self.log_group_scale_untransformed_scale)
             )
         return {"offset": tfd.Normal(loc, scale), "group_scale": group_scale}
+
+    def set_posterior(self, mean, sd):
+        """Sets q(b[g]) = Normal(mean[g], sd[g]) (arrays of shape `(num_groups, units)`)."""
+        shape = (self.num_groups, self.units)
+        self.offset_loc.assign(np.reshape(mean, shape).astype("float32"))
+        self.offset_untransformed_scale.assign(
+            np.reshape(inverse_softplus(sd), shape).astype("float32")
+        )
+
+    def set_group_scale(self, sigma):
+        """Sets the point estimate of sigma (`(units,)`); needs `scale_prior=None`."""
+        if self.scale_prior is not None:
+            raise ValueError(
+                f"RandomIntercept '{self.name}' has a hyperprior on sigma; its q(sigma) is "
+                "trained, not set"
+            )
+        self.group_scale_untransformed.assign(
+            np.reshape(inverse_softplus(sigma), (self.units,)).astype("float32")
+        )
 
     def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
         """Offsets per group: mean, sd, central `level` interval and training count `n`."""

@@ -144,6 +144,10 @@ class Gaussian(Likelihood):
         """The noise standard deviation sigma_y."""
         return positive(self.noise_scale_untransformed)
 
+    def set_noise_scale(self, value):
+        """Sets sigma_y's point estimate."""
+        self.noise_scale_untransformed.assign(inverse_softplus(float(value)))
+
     def call(self, eta):
         return eta
 

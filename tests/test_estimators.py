@@ -125,12 +125,17 @@ def test_unseen_labels_are_new_groups(small_fit):
     mean, std = est.predict(new, return_std=True)
     expected = est.intercept_ + new[["x0", "x1", "x2", "x3"]].to_numpy() @ est.coef_
     np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-4)
-    _, seen_std = est.predict(X.head(3), return_std=True)
-    # Same features, so the predictive variances differ only in the group term: the prior
-    # variance sigma_k^2 for a new group against the posterior variance sd_g^2 of a seen one.
-    sd_seen = est.random_effects_["group_0"]["sd"].loc[X.head(3)["group_0"]].to_numpy()
+    # A new group's predictive variance: the fixed part's (from the joint posterior's
+    # covariance of [intercept_, *coef_] on the data's scale), the prior sigma_k^2 of its
+    # offset (independent of the data) and the noise.
+    _, matrix, _ = est._data_scale()
+    covariance = matrix @ est.joint_posterior_.fixed_covariance() @ matrix.T
+    design = np.column_stack([np.ones(3), new[["x0", "x1", "x2", "x3"]].to_numpy()])
+    fixed_variance = np.einsum("ij,jk,ik->i", design, covariance, design)
     sigma = est.variance_components_["group_0"]
-    np.testing.assert_allclose(std**2 - seen_std**2, sigma**2 - sd_seen**2, rtol=1e-3)
+    np.testing.assert_allclose(std**2, fixed_variance + sigma**2 + est.noise_scale_**2, rtol=1e-6)
+    _, seen_std = est.predict(X.head(3), return_std=True)
+    assert np.all(seen_std < std)  # a seen group's offset is known better than the prior
 
 
 def test_predictions_are_deterministic_and_reproducible(small_fit):
@@ -204,7 +209,7 @@ def test_nan_and_inf_are_errors_that_name_the_column(data):
     _bad(X, with_inf, r"y contains NaN or infinity \(first at row 7\)")
     missing_group = X.copy()
     missing_group.loc[2, "group_0"] = None
-    _bad(missing_group, y, "group column 'group_0' holds NaN, None or infinity at row 2")
+    _bad(missing_group, y, "group column 'group_0' has a missing value at row 2")
 
 
 def test_shape_and_column_errors(data):

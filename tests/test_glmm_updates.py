@@ -116,7 +116,7 @@ def test_needs_a_glm_likelihood():
     ids = keras.Input(shape=(), dtype="int64")
     layer = RandomIntercept(3)
     model = ELBOModel(keras.Model(ids, layer(ids)), likelihood="gaussian")
-    with pytest.raises(ValueError, match="refine_gaussian"):
+    with pytest.raises(ValueError, match="finish_gaussian"):
         refine_glmm(model, np.array([0, 1]), np.array([1.0, 2.0]), {layer: [0, 1]})
 
 

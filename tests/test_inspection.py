@@ -70,16 +70,19 @@ def test_fixed_effects_of_an_estimator_are_on_the_data_scale(fitted):
     assert table.loc["(Intercept)", "mean"] == pytest.approx(est.intercept_, rel=1e-9)
     np.testing.assert_allclose(table["mean"].iloc[1:], est.coef_, rtol=1e-9)
 
-    # By hand: coef_j = y_scale beta_j / s_j and intercept = y_mean + y_scale (alpha -
-    # sum_j beta_j m_j / s_j), with alpha and the beta_j independent Normals under q.
+    # By hand: [intercept_, *coef_] = shift + A [alpha, *beta] with coef_j = y_scale beta_j /
+    # s_j and intercept = y_mean + y_scale (alpha - sum_j beta_j m_j / s_j), so its
+    # covariance is A C A' with C the joint posterior's covariance of (alpha, beta).
+    _, matrix, _ = est._data_scale()
+    covariance = est.joint_posterior_.fixed_covariance()
+    np.testing.assert_allclose(
+        table["sd"], np.sqrt(np.diag(matrix @ covariance @ matrix.T)), rtol=1e-9
+    )
+    # the layers carry the joint posterior's marginal sds (float32)
     network = est.model_.network
     sd_alpha = float(network.get_layer("global_intercept").posterior().scale.numpy()[0])
     sd_beta = network.get_layer("fixed_effects").posterior().scale.numpy()[:, 0]
-    sd_coef = est._y_scale * sd_beta / est._feature_scale
-    sd_intercept = est._y_scale * np.sqrt(
-        sd_alpha**2 + np.sum((est._feature_mean / est._feature_scale * sd_beta) ** 2)
-    )
-    np.testing.assert_allclose(table["sd"], [sd_intercept, *sd_coef], rtol=1e-5)
+    np.testing.assert_allclose([sd_alpha, *sd_beta], np.sqrt(np.diag(covariance)), rtol=1e-5)
     np.testing.assert_allclose(table["lower"], table["mean"] - Z95 * table["sd"], rtol=1e-9)
     np.testing.assert_allclose(table["upper"], table["mean"] + Z95 * table["sd"], rtol=1e-9)
 

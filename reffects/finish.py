@@ -1,0 +1,396 @@
+"""The exact finish: lme4's estimates and the joint posterior of a model's linear part.
+
+After SGD, the estimators hold any subnetwork h fixed; what is left is a linear mixed model
+
+    y_i = h_i + d_i . beta + sum_k b_k[g_k(i)] + e_i,   e_i ~ Normal(0, s^2 / w_i)
+    b_k ~ Normal(0, (s theta_k)^2 I),   beta ~ Normal(m0, P0^-1)   (d_i = [1, x_i])
+
+This module fits it as lme4 does (Bates, Maechler, Bolker and Walker 2015, JSS 67(1),
+section 3): with u = b / theta (relative covariance factor Lambda = diag(theta)), the
+penalised least-squares system
+
+    M = [[Lambda' Z'WZ Lambda + I, Lambda' Z'WD], [D'WZ Lambda, D'WD + s^2 P0]]
+
+gives, at each theta, the conditional mode of (u, beta), the penalised residual sum of
+squares r and log det M, hence the profiled REML criterion
+
+    (N - p) log s^2 + log det M + r / s^2,   s^2 = r / (N - p)
+
+(N = sum of weights, p = width of D; ML drops beta's block from log det M and uses N).
+theta is chosen by L-BFGS-B on that criterion (theta >= 0: a factor may sit at the
+boundary, as in lme4), started at the SGD values. Beta's Normal prior enters M exactly,
+so with the estimators' weak prior (sd 10 on the standardised scale) the estimates are
+lme4's to about 1e-4; lme4's flat prior is its limit.
+
+M is never factored whole: the factor with the most levels has a diagonal block, which is
+eliminated exactly (a cost linear in its levels), and the Schur complement over the other
+factors' levels and beta is factored dense. A fit with one grouping factor costs the same
+whatever its number of levels.
+
+The result is a `JointPosterior`: the exact posterior of (beta, every b_k) given theta and
+s, with its correlations. Its marginal means and sds are written back into the layers, so
+the Keras model (`predict`, `.keras` files) carries them too.
+"""
+
+import numpy as np
+from scipy import linalg, optimize, sparse
+
+from reffects.joint_posterior import JointPosterior
+
+MAX_DENSE_LEVELS = 4000
+"""The largest Schur complement (levels of every factor but the largest, plus the fixed
+effects) factored dense."""
+
+_TOLERANCE = 1e-10
+_SMALLEST_THETA = 1e-5
+"""sigma_k / s at the boundary: a factor with no variance is reported with 1e-5 of the noise
+scale (the criterion's value there is within 1e-10 of its value at 0)."""
+_LARGEST_THETA = 1e3
+_SMALLEST_RIDGE = 1e-8
+"""The ridge's variance at least, relative to the mean square of y (an exact fit)."""
+"""sigma_k / s at most: beyond it (every row its own group) s is not identified."""
+
+
+def _indicator(codes, num_levels, values):
+    rows = np.arange(len(codes))
+    return sparse.csr_matrix((values, (rows, codes)), shape=(len(codes), num_levels))
+
+
+class LinearMixedSystem:
+    """Sufficient statistics of a linear mixed model, from one pass over the rows.
+
+    Args:
+        response: `(n,)` the part of y the linear terms explain.
+        weights: `(n,)` frequency weights.
+        design: `(n, p)` fixed-effect design, the intercept column first.
+        codes: one `(n,)` integer array per grouping factor.
+        num_levels: the levels of each factor.
+        prior_mean, prior_precision: `(p,)` beta's Normal prior.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> g = np.repeat(np.arange(10), 5)
+        >>> y = 1.0 + rng.normal(0, 1, 10)[g] + rng.normal(0, 0.5, 50)
+        >>> system = LinearMixedSystem(y, np.ones(50), np.ones((50, 1)), [g], [10],
+        ...                            np.zeros(1), np.zeros(1))
+        >>> theta, noise_scale = system.fit(np.array([1.0]), 1.0)
+        >>> bool(1.0 < theta[0] * noise_scale < 2.0)
+        True
+    """
+
+    def __init__(self, response, weights, design, codes, num_levels, prior_mean, prior_precision):
+        self.num_levels = [int(g) for g in num_levels]
+        self.num_fixed = design.shape[1]
+        # A column of zeros (a constant feature, once centred) says nothing about y: its
+        # coefficient keeps its prior, and REML counts only the other columns.
+        self.empty_columns = ~np.any(design != 0, axis=0)
+        self.prior_mean = np.asarray(prior_mean, "float64")
+        self.prior_precision = np.asarray(prior_precision, "float64")
+        self.total_weight = float(weights.sum())
+        self.weighted_squares = float(weights @ np.square(response))
+        self.first = int(np.argmax(self.num_levels)) if self.num_levels else None
+        others = [k for k in range(len(self.num_levels)) if k != self.first]
+        self.rest_layout, start = {}, 0
+        for k in others:
+            self.rest_layout[k] = slice(start, start + self.num_levels[k])
+            start += self.num_levels[k]
+        self.num_rest_levels = start
+        m = start + self.num_fixed
+        if m > MAX_DENSE_LEVELS:
+            sizes = ", ".join(str(self.num_levels[k]) for k in others)
+            raise ValueError(
+                f"the exact finish factors the levels of every grouping factor but the "
+                f"largest ({sizes}) plus {self.num_fixed} fixed effects densely, at most "
+                f"{MAX_DENSE_LEVELS} in all; this model has {m}"
+            )
+        parts = [_indicator(codes[k], self.num_levels[k], np.ones(len(response))) for k in others]
+        rest = sparse.hstack([*parts, sparse.csr_matrix(design)], format="csr")
+        weighted_rest = sparse.diags(weights) @ rest
+        self.rest_gram = (rest.T @ weighted_rest).toarray()
+        self.rest_moment = np.asarray(weighted_rest.T @ response).reshape(-1)
+        if self.first is not None:
+            first_codes, levels = codes[self.first], self.num_levels[self.first]
+            self.first_weight = np.bincount(first_codes, weights, levels)
+            self.first_moment = np.bincount(first_codes, weights * response, levels)
+            indicator = _indicator(first_codes, levels, np.ones(len(response)))
+            self.cross = sparse.csr_matrix(indicator.T @ weighted_rest)
+
+    def _theta_per_rest_entry(self, theta):
+        """Lambda's diagonal over r: theta_k for factor k's levels, 1 for beta."""
+        scale = np.ones(self.num_rest_levels + self.num_fixed)
+        for k, columns in self.rest_layout.items():
+            scale[columns] = theta[k]
+        return scale
+
+    def _ridge(self, noise_variance):
+        return max(noise_variance, _SMALLEST_RIDGE * self.weighted_squares / self.total_weight)
+
+    def solve(self, theta, noise_variance):
+        """Penalised least squares at theta: a dict with the Schur complement's Cholesky
+        factor, the solution and the pieces of the criterion."""
+        scale = self._theta_per_rest_entry(theta)
+        fixed = slice(self.num_rest_levels, None)
+        full_rhs = scale * self.rest_moment  # r's part of M's right-hand side
+        full_rhs[fixed] += self._ridge(noise_variance) * self.prior_precision * self.prior_mean
+        gram, moment = self.rest_gram, self.rest_moment
+        if self.first is not None:
+            t1 = theta[self.first]
+            diagonal = t1**2 * self.first_weight + 1.0
+            scaled_cross = sparse.diags(1.0 / diagonal) @ self.cross
+            gram = gram - t1**2 * (self.cross.T @ scaled_cross).toarray()
+            moment = moment - t1**2 * (self.cross.T @ (self.first_moment / diagonal))
+        # beta's prior as a ridge; floored for an exact fit (s -> 0), where it alone keeps
+        # collinear fixed effects determined
+        ridge = self._ridge(noise_variance)
+        penalty = np.ones(len(scale))
+        penalty[fixed] = ridge * self.prior_precision
+        schur = scale[:, None] * gram * scale[None, :] + np.diag(penalty)
+        rhs = scale * moment
+        rhs[fixed] += ridge * self.prior_precision * self.prior_mean
+        if not np.all(np.isfinite(schur)):
+            return None
+        try:
+            factor = linalg.cholesky(schur, lower=True, check_finite=False)
+        except linalg.LinAlgError:
+            return None
+        rest = linalg.cho_solve((factor, True), rhs)
+        solution_rhs = rest @ full_rhs
+        log_det_random = 2.0 * np.sum(np.log(np.diag(factor)[: self.num_rest_levels]))
+        log_det_fixed = 2.0 * np.sum(np.log(np.diag(factor)[self.num_rest_levels :]))
+        first = None
+        if self.first is not None:
+            first = t1 * (self.first_moment - self.cross @ (scale * rest)) / diagonal
+            solution_rhs += t1 * (first @ self.first_moment)
+            log_det_random += np.sum(np.log(diagonal))
+        residual = (
+            self.weighted_squares
+            + ridge * self.prior_mean @ (self.prior_precision * self.prior_mean)
+            - solution_rhs
+        )
+        return {
+            "scale": scale,
+            "factor": factor,
+            "rest": rest,
+            "first": first,
+            "diagonal": diagonal if self.first is not None else None,
+            "log_det_random": log_det_random,
+            "log_det_fixed": log_det_fixed,
+            "residual": max(residual, 0.0),
+        }
+
+    def criterion(self, theta, noise_variance, reml=True):
+        """The profiled REML (or ML) criterion at theta, its gradient, and the profiled s^2.
+
+        beta's prior enters M as the ridge `noise_variance` P0 (lme4's criterion on a
+        ridge-penalised system); `fit` iterates until `noise_variance` is the profiled s^2,
+        where the ridge is the prior's. With
+        Lambda-tilde = diag(Lambda, I), M = Lambda-tilde' G Lambda-tilde + J, so
+
+            d log det M / d theta_k = (2 / theta_k) (q_k - tr_k(M^-1)),
+            d r / d theta_k         = -2 |u_k|^2 / theta_k
+
+        (q_k levels, tr_k the trace over factor k's block; ML reads both off the u block
+        alone), which gives the gradient at the profiled s^2.
+        """
+        pls = self.solve(theta, noise_variance)
+        if pls is None:
+            return np.inf, np.zeros(len(theta)), noise_variance
+        if reml:
+            dof = self.total_weight - np.count_nonzero(~self.empty_columns)
+            # an empty column's block of M is its prior's alone: s^2 P0_jj
+            empty = self._ridge(noise_variance) * self.prior_precision[self.empty_columns]
+            log_det = pls["log_det_random"] + pls["log_det_fixed"] - np.sum(np.log(empty))
+        else:
+            dof = self.total_weight
+            log_det = pls["log_det_random"]
+        dof = max(dof, 1.0)
+        variance = max(pls["residual"] / dof, 1e-300)
+        value = dof * np.log(variance) + log_det
+        inverse_trace, squares = self._block_traces(theta, pls, reml)
+        levels = np.asarray(self.num_levels, "float64")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gradient = 2.0 * (levels - inverse_trace - squares / variance) / theta
+        gradient = np.where(theta > 0, gradient, 0.0)  # even in theta_k: flat at 0
+        return value, gradient, variance
+
+    def _block_traces(self, theta, pls, reml):
+        """Per factor k: tr_k of the inverse (of M for REML, of its u block for ML) and
+        |u_k|^2."""
+        num_rest = self.num_rest_levels
+        factor = pls["factor"] if reml else pls["factor"][:num_rest, :num_rest]
+        inverse_factor = linalg.solve_triangular(factor, np.eye(len(factor)), lower=True)
+        inverse = inverse_factor.T @ inverse_factor  # the Schur complement's inverse
+        diagonal = np.diag(inverse)
+        traces = np.zeros(len(self.num_levels))
+        squares = np.zeros(len(self.num_levels))
+        for k, columns in self.rest_layout.items():
+            traces[k] = diagonal[columns].sum()
+            squares[k] = np.sum(np.square(pls["rest"][columns]))
+        if self.first is not None:
+            t1, d1 = theta[self.first], pls["diagonal"]
+            # (M^-1) over the first factor: D1^-1 + t1^2 D1^-1 C S^-1 C' D1^-1, where
+            # C = cross diag(scale) (restricted to the u columns for ML).
+            columns = slice(None) if reml else slice(0, num_rest)
+            scaled = (sparse.diags(1.0 / d1) @ self.cross)[:, columns]
+            scaled = scaled @ sparse.diags(pls["scale"][columns])
+            second = (scaled.T @ scaled).toarray()
+            traces[self.first] = np.sum(1.0 / d1) + t1**2 * np.sum(inverse * second)
+            squares[self.first] = np.sum(np.square(pls["first"]))
+        return traces, squares
+
+    def fit(self, theta, noise_scale, free=None, reml=True):
+        """REML (or ML) estimates of theta and s, started at `theta` and `noise_scale`.
+
+        Args:
+            theta: `(K,)` starting relative scales sigma_k / s.
+            noise_scale: starting s.
+            free: boolean `(K,)`, the thetas to estimate (the others are held).
+            reml: REML (True) or ML.
+
+        Returns:
+            `(theta, noise_scale)`.
+        """
+        theta = np.asarray(theta, "float64").copy()
+        free = np.ones(len(theta), bool) if free is None else np.asarray(free, bool)
+        variance = float(noise_scale) ** 2
+        for _ in range(20):
+            if free.any():
+
+                def objective(squares, variance=variance):
+                    trial = theta.copy()
+                    trial[free] = np.sqrt(squares)
+                    value, gradient, _ = self.criterion(trial, variance, reml)
+                    return value, gradient[free] / (2.0 * trial[free])
+
+                # In theta^2 the criterion has a non-zero slope at the boundary (in theta it
+                # is even, so theta = 0 is always stationary, a maximum as often as not).
+                result = optimize.minimize(
+                    objective,
+                    np.maximum(theta[free], _SMALLEST_THETA) ** 2,
+                    method="L-BFGS-B",
+                    jac=True,
+                    bounds=[(_SMALLEST_THETA**2, _LARGEST_THETA**2)] * int(free.sum()),
+                    options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500},
+                )
+                theta[free] = np.sqrt(result.x)
+            _, _, new_variance = self.criterion(theta, variance, reml)
+            # The ridge moves with s^2 only where beta has a prior.
+            converged = (
+                not self.prior_precision.any()
+                or abs(new_variance - variance) <= _TOLERANCE * variance
+            )
+            variance = new_variance
+            if converged:
+                break
+        return theta, float(np.sqrt(variance))
+
+    def posterior(self, theta, noise_scale) -> JointPosterior:
+        """The posterior of (beta, every b_k) given theta and s, on b's scale."""
+        variance = float(noise_scale) ** 2
+        pls = self.solve(theta, variance)
+        if pls is None:
+            raise ValueError("the mixed model's system is singular at the estimated scales")
+        scale, factor = pls["scale"], pls["factor"]
+        inverse_factor = linalg.solve_triangular(factor, np.eye(len(scale)), lower=True)
+        rest_covariance = variance * scale[:, None] * (inverse_factor.T @ inverse_factor)
+        rest_covariance *= scale[None, :]
+        rest_mean = scale * pls["rest"]
+        first = first_mean = first_variance = coupling = None
+        if self.first is not None:
+            t1 = theta[self.first]
+            first = self.first
+            first_mean = t1 * pls["first"]
+            first_variance = variance * t1**2 / pls["diagonal"]
+            coupling = sparse.diags(t1**2 / pls["diagonal"]) @ self.cross
+        return JointPosterior(
+            self.num_levels,
+            first,
+            first_mean,
+            first_variance,
+            coupling,
+            self.rest_layout,
+            self.num_fixed,
+            rest_mean,
+            rest_covariance,
+        )
+
+
+def finish_gaussian(
+    model,
+    intercept,
+    factors,
+    fixed_effects=None,
+    features=None,
+    *,
+    y,
+    held,
+    sample_weight=None,
+    reml=True,
+) -> JointPosterior:
+    """Moves a Gaussian model's linear part to lme4's estimates and its exact posterior.
+
+    Args:
+        model: an `ELBOModel` with a `Gaussian` likelihood.
+        intercept: its `GlobalIntercept` (units=1).
+        factors: list of `(RandomIntercept, training ids)` pairs.
+        fixed_effects: its `FixedEffects` (units=1), or None; `features` its `(n, d)` input.
+        y: `(n,)` training responses on the model's scale.
+        held: `(n,)` the part of the predictor held fixed (a subnetwork's output), or 0.
+        sample_weight: `(n,)` frequency weights, or None.
+        reml: REML (True) or ML estimates of the scales.
+
+    The scales sigma_k of factors with a hyperprior stay where SGD put them (relative to
+    the noise scale); the others and the noise scale are estimated. Each layer is left with
+    the joint posterior's marginal means and sds.
+
+    Returns:
+        The `JointPosterior` of `[alpha, *beta]` and every factor's offsets.
+
+    Example:
+        >>> import keras
+        >>> from reffects import ELBOModel, GlobalIntercept, RandomIntercept
+        >>> ids = keras.Input(shape=(), dtype="int64")
+        >>> alpha, layer = GlobalIntercept(), RandomIntercept(3)
+        >>> model = ELBOModel(keras.Model(ids, keras.layers.Add()([alpha(ids), layer(ids)])))
+        >>> g, y = np.array([0, 0, 1, 2, 2, 2]), np.array([1.0, 1.2, -0.5, 0.1, 0.3, 0.2])
+        >>> layer.adapt(g)
+        >>> posterior = finish_gaussian(model, alpha, [(layer, g)], y=y, held=0.0)
+        >>> posterior.fixed_mean().shape
+        (1,)
+    """
+    y = np.asarray(y, "float64").reshape(-1)
+    weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
+    design = np.ones((len(y), 1))
+    prior_mean, prior_precision = [intercept.prior_loc], [intercept.prior_scale**-2]
+    if fixed_effects is not None:
+        width = np.shape(features)[1]
+        design = np.column_stack([design, np.asarray(features, "float64")])
+        prior_mean += [fixed_effects.prior_loc] * width
+        prior_precision += [fixed_effects.prior_scale**-2] * width
+    layers = [layer for layer, _ in factors]
+    codes = [np.asarray(ids, "int64").reshape(-1) for _, ids in factors]
+    system = LinearMixedSystem(
+        y - held,
+        weights,
+        design,
+        codes,
+        [layer.num_groups for layer in layers],
+        np.array(prior_mean),
+        np.array(prior_precision),
+    )
+    noise_scale = float(model.likelihood.noise_scale())
+    theta = np.array([float(layer.group_scale()[0]) for layer in layers]) / noise_scale
+    free = np.array([layer.scale_prior is None for layer in layers], bool)
+    theta, noise_scale = system.fit(theta, noise_scale, free=free, reml=reml)
+    posterior = system.posterior(theta, noise_scale)
+
+    fixed_mean, fixed_sd = posterior.fixed_mean(), posterior.fixed_sd()
+    intercept.set_posterior(fixed_mean[:1], fixed_sd[:1])
+    if fixed_effects is not None:
+        fixed_effects.set_posterior(fixed_mean[1:], fixed_sd[1:])
+    for k, layer in enumerate(layers):
+        layer.set_posterior(posterior.offset_mean(k), posterior.offset_sd(k))
+        if free[k]:
+            layer.set_group_scale(theta[k] * noise_scale)
+    model.likelihood.set_noise_scale(noise_scale)
+    return posterior

