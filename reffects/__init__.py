@@ -1,5 +1,7 @@
 """reffects: Bayesian random-effects layers and estimators for Keras."""
 
+# First, before any module imports TensorFlow: see `reffects/_startup.py`.
+from reffects import _startup  # noqa: F401
 from reffects.estimators import RandomEffectsClassifier, RandomEffectsRegressor
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
 from reffects.likelihoods import Bernoulli, Binomial, Gaussian, Poisson

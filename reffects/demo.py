@@ -8,15 +8,14 @@ the fit time of each.
 """
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import pandas as pd
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from reffects.datasets import make_housing  # noqa: E402
-from reffects.estimators import RandomEffectsRegressor  # noqa: E402
+from reffects._startup import native_stderr_hidden
+from reffects.datasets import make_housing
+from reffects.estimators import RandomEffectsRegressor
 
 MODELS = {
     "Bayesian linear regression": {"group_cols": []},
@@ -84,6 +83,10 @@ def main(argv=None):
     parser.add_argument("--zipcodes", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=None, help="default: chosen from the data")
     args = parser.parse_args(argv)
+    # Looking for GPUs here, not in the first fit, keeps CUDA's start-up lines (such as "failed
+    # call to cuInit" on a machine with CUDA libraries and no driver) out of the demo's output.
+    with native_stderr_hidden():
+        tf.config.list_physical_devices()
     print(
         f"Housing-style data: {args.rows} rows, {args.zipcodes} zip codes of unequal size, "
         "3 standardised predictors, a nonlinear signal (true sigma_zipcode 0.30, noise 0.25)."

@@ -1,9 +1,11 @@
-import os
+# reffects first: it imports TensorFlow with the C++ start-up lines hidden and sets
+# TF_CPP_MIN_LOG_LEVEL=2 unless it is set (see reffects/_startup.py); keras would import
+# TensorFlow without that.
+import reffects  # noqa: F401
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import pytest  # noqa: E402
+# isort: split
+import keras
+import pytest
 
 SEED = 20261122
 
