@@ -73,9 +73,9 @@ class LinearMixedSystem:
         >>> y = 1.0 + rng.normal(0, 1, 10)[g] + rng.normal(0, 0.5, 50)
         >>> system = LinearMixedSystem(y, np.ones(50), np.ones((50, 1)), [g], [10],
         ...                            np.zeros(1), np.zeros(1))
-        >>> theta, noise_scale = system.fit(np.array([1.0]), 1.0)
-        >>> bool(1.0 < theta[0] * noise_scale < 2.0)
-        True
+        >>> theta, noise_scale = system.fit(np.array([1.0]), 1.0)  # REML
+        >>> round(float(theta[0] * noise_scale), 3), round(noise_scale, 3)  # truth 1.0, 0.5
+        (0.962, 0.415)
     """
 
     def __init__(self, response, weights, design, codes, num_levels, prior_mean, prior_precision):
