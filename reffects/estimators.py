@@ -1141,6 +1141,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         rng = np.random.default_rng(self._seed)
         design = np.column_stack([np.ones(len(data.features)), data.features])
         subnetwork = self._subnetwork_part(data) if self.hidden_units else 0.0
+        noise_scale = float(self.model_.likelihood.noise_scale())
         tail = (1.0 - level) / 2.0
         lower, upper = np.empty(len(design)), np.empty(len(design))
         rows_per_chunk = max(1, _ROWS_PER_DRAW_CHUNK // num_samples)
@@ -1149,7 +1150,6 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             eta = self.joint_posterior_.sample_predictor(
                 design[rows], [c[rows] for c in data.codes], num_samples, rng
             )
-            noise_scale = float(self.model_.likelihood.noise_scale())
             y = eta + noise_scale * rng.standard_normal(eta.shape)
             y += subnetwork[rows] if self.hidden_units else 0.0
             lower[rows], upper[rows] = np.quantile(y, [tail, 1.0 - tail], axis=0)

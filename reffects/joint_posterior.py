@@ -141,40 +141,48 @@ class JointPosterior:
             mean = mean + self.offset_mean(k)[codes[k]]
         return mean
 
-    def sample(self, num_samples: int, rng) -> tuple:
-        """Joint draws `(fixed, offsets)`: beta `(num_samples, p)` and a list with each
-        factor's offsets `(num_samples, num_levels[k])`."""
+    def _draw(self, num_samples, rng, groups):
+        """Joint draws of r `(num_samples, m)` and of the first factor's offsets for the
+        levels `groups` `(num_samples, len(groups))` (None without factors)."""
         m = len(self.rest_mean)
         rest = (
             self.rest_mean
             + rng.standard_normal((num_samples, m)) @ _cholesky_psd(self.rest_covariance).T
         )
+        if self.first is None:
+            return rest, None
+        shift = np.asarray(self.coupling[groups] @ (rest - self.rest_mean).T).T
+        noise = rng.standard_normal((num_samples, len(groups)))
+        first = self.first_mean[groups] - shift + np.sqrt(self.first_variance[groups]) * noise
+        return rest, first
+
+    def sample(self, num_samples: int, rng) -> tuple:
+        """Joint draws `(fixed, offsets)`: beta `(num_samples, p)` and a list with each
+        factor's offsets `(num_samples, num_levels[k])`."""
+        groups = None if self.first is None else np.arange(len(self.first_mean))
+        rest, first = self._draw(num_samples, rng, groups)
         offsets = [None] * len(self.num_levels)
         for k, columns in self.rest_layout.items():
             offsets[k] = rest[:, columns]
         if self.first is not None:
-            noise = rng.standard_normal((num_samples, len(self.first_mean)))
-            shift = np.asarray(self.coupling @ (rest - self.rest_mean).T).T
-            offsets[self.first] = self.first_mean - shift + np.sqrt(self.first_variance) * noise
+            offsets[self.first] = first
         return rest[:, self._fixed], offsets
 
     def sample_predictor(self, design, codes, num_samples: int, rng) -> np.ndarray:
         """Joint draws of eta's linear part for the given rows: `(num_samples, n)`.
 
         Rows of one group share its offset within a draw, and every coefficient is drawn
-        from the joint posterior (its correlations included).
+        from the joint posterior (its correlations included). Only the first factor's
+        levels that the rows use are drawn.
         """
-        m = len(self.rest_mean)
-        factor = _cholesky_psd(self.rest_covariance)
-        rest = self.rest_mean + rng.standard_normal((num_samples, m)) @ factor.T
+        groups = row_group = None
+        if self.first is not None:
+            groups, row_group = np.unique(codes[self.first], return_inverse=True)
+        rest, first = self._draw(num_samples, rng, groups)
         eta = rest[:, self._fixed] @ design.T
         for k, columns in self.rest_layout.items():
             eta += rest[:, columns][:, codes[k]]
-        if self.first is not None:
-            groups, row_group = np.unique(codes[self.first], return_inverse=True)
-            shift = (rest - self.rest_mean) @ self.coupling[groups].T.toarray()
-            noise = rng.standard_normal((num_samples, len(groups)))
-            first = self.first_mean[groups] - shift + np.sqrt(self.first_variance[groups]) * noise
+        if first is not None:
             eta += first[:, row_group]
         return eta
 
