@@ -14,22 +14,17 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from scipy import sparse
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from reffects.finish import finish_gaussian
-from reffects.glmm_updates import refine_glmm
+from reffects.finish import finish_gaussian, finish_glmm
 from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import inverse_softplus
-from reffects.training import (
-    StopOnNonFiniteLoss,
-    predict_interval,
-    predict_means,
-    sample_predictive,
-)
+from reffects.training import StopOnNonFiniteLoss, check_finite_parameters, predict_means
 
 _MAX_BATCH_SIZE = 1024
 _MAX_SUBNETWORK_BATCH_SIZE = 256
@@ -62,8 +57,8 @@ def default_schedule(
     fewer epochs: on the LMMNN simulation (`benchmarks/remnn_simulation.py`, 80,000 rows)
     256 x 13 epochs reached a test AUC of 0.809 where 1024 x 52 epochs, which overfits,
     reached 0.797. With `exact_finish` (a model without a subnetwork, which the
-    finish after SGD solves in full: `reffects.finish` (lme4's REML) for a
-    Gaussian model with point-estimate scales, `reffects.glmm_updates` for the other
+    finish after SGD solves in full: `reffects.finish`, lme4's REML for a
+    Gaussian model with point-estimate scales and glmer's Laplace fit for the other
     families) SGD is only a warm start: about 100 steps, at least one epoch, with larger
     batches where one epoch of 1024 rows would be more. On 784k rows
     (`benchmarks/lmm_tools.py`) 766 steps of 1024 rows, 192 of 4096, 98 of 7843 and 20 of
@@ -551,40 +546,23 @@ class _MixedModelEstimator(BaseEstimator):
             verbose=self.verbose,
         )
         network = self.model_.network
-        self.joint_posterior_ = None
-        if isinstance(likelihood, Gaussian):
-            fixed_effects = network.get_layer("fixed_effects") if data.features.size else None
-            self.joint_posterior_ = finish_gaussian(
-                self.model_,
-                network.get_layer("global_intercept"),
-                [
-                    (network.get_layer(f"random_intercept_{k}"), codes)
-                    for k, codes in enumerate(data.codes)
-                ],
-                fixed_effects,
-                data.features,
-                y=model_y,
-                # Without a subnetwork the predictor is the sum of the finished terms.
-                held=self._subnetwork_part(data) if self.hidden_units else 0.0,
-                sample_weight=weights,
-                reml=self.reml,
-            )
-        else:
-            refine_glmm(
-                self.model_,
-                data.model_inputs(),
-                model_y,
-                {
-                    network.get_layer(f"random_intercept_{k}"): codes
-                    for k, codes in enumerate(data.codes)
-                },
-                sample_weight=weights,
-                intercept=network.get_layer("global_intercept"),
-                fixed_effects=network.get_layer("fixed_effects") if data.features.size else None,
-                features=data.features,
-                # Without a subnetwork the predictor is the sum of the refined terms.
-                held=None if self.hidden_units else 0.0,
-            )
+        finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
+        options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
+        self.joint_posterior_ = finish(
+            self.model_,
+            network.get_layer("global_intercept"),
+            [
+                (network.get_layer(f"random_intercept_{k}"), codes)
+                for k, codes in enumerate(data.codes)
+            ],
+            network.get_layer("fixed_effects") if data.features.size else None,
+            data.features,
+            y=model_y,
+            # Without a subnetwork the predictor is the sum of the finished terms.
+            held=self._subnetwork_part(data) if self.hidden_units else 0.0,
+            sample_weight=weights,
+            **options,
+        )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history.history
         self._read_posteriors()
@@ -918,12 +896,12 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     exact finish of everything but a subnetwork: for "gaussian", lme4's REML estimates
     of the scales (ML with `reml=False`; a factor's sigma_k under a `scale_prior` stays
     SGD's) and the exact joint posterior of the intercept, fixed effects and every offset
-    (`reffects.finish`, kept as `joint_posterior_`); for the other families, the
-    mean-field ELBO's optimum (`reffects.glmm_updates`). Features are standardised internally;
-    for "gaussian" y is standardised too; for the other families y is not, so
-    `prior_scale` is on the logit or log scale, as in Statistical Rethinking's m13.2
-    (`prior_scale=1.5, scale_prior="exponential"`). Every estimate is reported on the data's
-    scale (the link scale for the other families).
+    (`reffects.finish`, kept as `joint_posterior_`); for the other families, glmer's
+    Laplace estimates and the Laplace joint posterior at the mode. Features are
+    standardised internally; for "gaussian" y is standardised too; for the other
+    families y is not, so `prior_scale` is on the logit or log scale, as in Statistical
+    Rethinking's m13.2 (`prior_scale=1.5, scale_prior="exponential"`). Every estimate is
+    reported on the data's scale (the link scale for the other families).
 
     Parameters
     ----------
@@ -1073,11 +1051,11 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             return mean
         if self.family == "gaussian":
             return mean, self._y_scale * np.sqrt(self._predictive_variance(data))
-        draws = sample_predictive(
-            self.model_, data.model_inputs(), _PREDICTIVE_DRAWS, seed=self._seed
-        )["mean"][..., 0].astype("float64")
-        variance = np.mean(self.model_.likelihood.variance(draws, trials), axis=0)
-        return mean, np.sqrt(variance + np.var(draws, axis=0))
+        sd = np.empty(len(mean))
+        for rows, means, _ in self._predictive_draws(data, _PREDICTIVE_DRAWS, trials):
+            noise = np.mean(self.model_.likelihood.variance(means, _rows(trials, rows)), axis=0)
+            sd[rows] = np.sqrt(noise + np.var(means, axis=0))
+        return mean, sd
 
     def predict_interval(self, X, level: float = 0.9, *, num_samples: int = 1000, trials=None):
         """Central posterior predictive intervals of y: `(lower, upper)`, each of shape (n,).
@@ -1099,21 +1077,15 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         check_is_fitted(self, "model_")
         data = self._encode(X, reset=False)
         trials = self._check_trials(trials, len(data.features))
-        if self.family == "gaussian":
-            lower, upper = self._gaussian_interval(data, level, num_samples)
-            return self._y_mean + self._y_scale * lower, self._y_mean + self._y_scale * upper
-        lower, upper = predict_interval(
-            self.model_,
-            data.model_inputs(),
-            level,
-            num_samples,
-            trials=trials,
-            seed=self._seed,
-        )
-        return (
-            self._y_mean + self._y_scale * lower[:, 0].astype("float64"),
-            self._y_mean + self._y_scale * upper[:, 0].astype("float64"),
-        )
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"`level` must be in (0, 1). Received: level={level}")
+        tail = (1.0 - level) / 2.0
+        lower, upper = np.empty(len(data.features)), np.empty(len(data.features))
+        for rows, _, y in self._predictive_draws(data, num_samples, trials):
+            # inverted CDF: bounds are values y can take, holding at least `level`
+            bounds = np.quantile(y, [tail, 1.0 - tail], axis=0, method="inverted_cdf")
+            lower[rows], upper[rows] = bounds
+        return self._y_mean + self._y_scale * lower, self._y_mean + self._y_scale * upper
 
     def _check_trials(self, trials, num_rows):
         if trials is None:
@@ -1133,27 +1105,43 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         variance = self.joint_posterior_.predictor_variance(design, data.codes)
         return variance + float(self.model_.likelihood.noise_scale()) ** 2
 
-    def _gaussian_interval(self, data, level, num_samples):
-        """Central predictive intervals on the standardised scale, from joint draws of the
-        linear predictor (rows of one group share its offset) plus Normal noise."""
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"`level` must be in (0, 1). Received: level={level}")
+    def _predictive_draws(self, data, num_samples, trials=None):
+        """Posterior predictive draws, by chunks of rows: `(rows, means, ys)`, the draws of
+        the response mean and of y on the model's scale, each `(num_samples, len(rows))`.
+
+        The linear predictor is drawn from the joint posterior (rows of one group share its
+        offset, and every correlation is kept), a subnetwork adds its fixed output, and y
+        is drawn from the likelihood (seeded by `random_state`).
+        """
+        check_finite_parameters(self.model_)  # a NaN rate would hang a Poisson sampler
         rng = np.random.default_rng(self._seed)
         design = np.column_stack([np.ones(len(data.features)), data.features])
-        subnetwork = self._subnetwork_part(data) if self.hidden_units else 0.0
-        noise_scale = float(self.model_.likelihood.noise_scale())
-        tail = (1.0 - level) / 2.0
-        lower, upper = np.empty(len(design)), np.empty(len(design))
+        subnetwork = self._subnetwork_part(data) if self.hidden_units else None
+        likelihood = self.model_.likelihood
         rows_per_chunk = max(1, _ROWS_PER_DRAW_CHUNK // num_samples)
         for start in range(0, len(design), rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             eta = self.joint_posterior_.sample_predictor(
                 design[rows], [c[rows] for c in data.codes], num_samples, rng
             )
-            y = eta + noise_scale * rng.standard_normal(eta.shape)
-            y += subnetwork[rows] if self.hidden_units else 0.0
-            lower[rows], upper[rows] = np.quantile(y, [tail, 1.0 - tail], axis=0)
-        return lower, upper
+            if subnetwork is not None:
+                eta += subnetwork[rows]
+            if isinstance(likelihood, Gaussian):
+                means = eta
+                y = eta + float(likelihood.noise_scale()) * rng.standard_normal(eta.shape)
+            elif isinstance(likelihood, Poisson):
+                means = np.exp(np.minimum(eta, 700.0))
+                y = rng.poisson(means).astype("float64")
+            else:
+                means = expit(eta)
+                chunk_trials = _rows(trials, rows)
+                n = np.ones(eta.shape[1]) if chunk_trials is None else chunk_trials
+                y = rng.binomial(n.astype("int64"), means) / np.maximum(n, 1.0)
+            yield rows, means, y
+
+
+def _rows(values, rows):
+    return None if values is None else values[rows]
 
 
 class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
@@ -1164,9 +1152,9 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         b_k ~ Normal(0, sigma_k),   alpha ~ Normal(0, prior_scale),   beta ~ Normal(0, prior_scale)
 
     Fitted by variational inference on the ELBO through Keras `fit` with a Bernoulli
-    likelihood, ending with coordinate-ascent updates to the ELBO's optimum of everything
-    but a subnetwork (`reffects.glmm_updates`). Labels may be any two values (strings
-    too); more than two classes is an error. Estimates are on the logit scale.
+    likelihood, ending with glmer's Laplace fit of everything but a subnetwork and its
+    joint posterior (`reffects.finish`, kept as `joint_posterior_`). Labels may be any two
+    values (strings too); more than two classes is an error. Estimates are on the logit scale.
 
     Parameters
     ----------"""

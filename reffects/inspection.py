@@ -6,10 +6,11 @@ An estimator's numbers are on the data's scale (it standardises features and y i
 and maps its posteriors back with the same affine map it uses for `coef_`); a Keras model's
 are on the scale it was trained on.
 
-Intervals are central intervals of the variational posteriors: Normal for the intercept, the
-fixed effects and the group offsets (mean-field, so the intercept's sd ignores its correlation
-with the offsets and comes out too small), LogNormal for a grouping factor's scale when it has
-a hyperprior. A scale learned as a point estimate has no interval.
+Intervals are central intervals of the posteriors: Normal for the intercept, the fixed
+effects and the group offsets (for an estimator, from the joint posterior its finish
+computed, correlations included; for a bare Keras model, from the layers' mean-field q,
+where the intercept's sd ignores its correlation with the offsets), LogNormal for a grouping
+factor's scale when it has a hyperprior. A scale learned as a point estimate has no interval.
 
 For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
 `variance_components` is `VarCorr()`. For the ArviZ user: `to_inference_data`.
@@ -613,6 +614,7 @@ class Summary:
             scale for a Gaussian likelihood), or None without data.
         subnetwork_weights: number of point-estimate weights outside the variational layers.
         level: the interval level of the tables.
+        method: how the posterior was fitted, for the header.
     """
 
     family: str
@@ -623,12 +625,13 @@ class Summary:
     residual_quantiles: pd.Series | None
     subnetwork_weights: int
     level: float
+    method: str = "variational inference (mean-field, ELBO)"
 
     def __str__(self) -> str:
         lower = f"{50 * (1 - self.level):.3g} %"
         upper = f"{100 - 50 * (1 - self.level):.3g} %"
         lines = [
-            "Bayesian mixed model fit by variational inference (mean-field, ELBO)",
+            f"Bayesian mixed model fit by {self.method}",
             f" Family: {self.family}",
         ]
         if self.subnetwork_weights:
@@ -755,4 +758,15 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
         residual_quantiles=quantiles,
         subnetwork_weights=subnetwork,
         level=level,
+        method=_fit_method(obj),
     )
+
+
+def _fit_method(obj) -> str:
+    """The header's account of how an estimator or a Keras model was fitted."""
+    if getattr(obj, "joint_posterior_", None) is None:
+        return Summary.method
+    if getattr(obj, "family", "bernoulli") == "gaussian":
+        criterion = "REML" if obj.reml else "ML"
+        return f"SGD on the ELBO, then lme4's {criterion} finish (joint posterior)"
+    return "SGD on the ELBO, then glmer's Laplace finish (joint posterior)"

@@ -614,6 +614,19 @@ class RandomIntercept(keras.layers.Layer):
             np.reshape(inverse_softplus(sigma), (self.units,)).astype("float32")
         )
 
+    def set_group_scale_posterior(self, loc, scale):
+        """Sets q(sigma) = LogNormal(loc, scale) (arrays of shape `(units,)`); needs a
+        `scale_prior`."""
+        if self.scale_prior is None:
+            raise ValueError(
+                f"RandomIntercept '{self.name}' has no hyperprior; its sigma is a point "
+                "estimate (`set_group_scale`)"
+            )
+        self.log_group_scale_loc.assign(np.reshape(loc, (self.units,)).astype("float32"))
+        self.log_group_scale_untransformed_scale.assign(
+            np.reshape(inverse_softplus(scale), (self.units,)).astype("float32")
+        )
+
     def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
         """Offsets per group: mean, sd, central `level` interval and training count `n`."""
         offset = self.posterior()["offset"]

@@ -13,6 +13,7 @@ from reffects import (
     GlobalIntercept,
     RandomEffectsRegressor,
     RandomIntercept,
+    inspection,
     predict_interval,
     sample_predictive,
 )
@@ -110,14 +111,13 @@ def test_cbpp_matches_lme4_glmer():
         X[f"period{period}"] = (cbpp["period"] == period).astype(float)
     est = RandomEffectsRegressor(group_cols=["herd"], family="binomial", random_state=0)
     est.fit(X, cbpp["incidence"] / cbpp["size"], sample_weight=cbpp["size"])
-    # VI with sigma as a point estimate and flat-ish priors (sd 10) targets the same fit as
-    # the Laplace approximation; measured at the defaults (the exact finish of
-    # `reffects.glmm_updates`): intercept -1.406, periods -1.011, -1.150, -1.614, herd sd
-    # 0.648 (at most 0.035 off, a tenth of a standard error). Allow 0.1 on the logit scale:
-    # under half of the smallest standard error.
-    assert est.intercept_ == pytest.approx(CBPP_GLMER["intercept"], abs=0.1)
-    np.testing.assert_allclose(est.coef_, CBPP_GLMER["coef"], atol=0.1)
-    assert est.variance_components_["herd"] == pytest.approx(CBPP_GLMER["herd_sd"], abs=0.1)
+    # The finish is glmer's Laplace fit; the estimators' Normal(0, 10) prior on the logit
+    # scale (glmer's is flat) moves it by about 1e-3 (measured: intercept -1.3973, periods
+    # -0.9912, -1.1273, -1.5777, herd sd 0.6422). lme4 prints 4 decimals; allow 5e-3, a
+    # fiftieth of the smallest standard error.
+    assert est.intercept_ == pytest.approx(CBPP_GLMER["intercept"], abs=5e-3)
+    np.testing.assert_allclose(est.coef_, CBPP_GLMER["coef"], atol=5e-3)
+    assert est.variance_components_["herd"] == pytest.approx(CBPP_GLMER["herd_sd"], abs=5e-3)
 
 
 # m13.2 by NUTS, from examples/reedfrogs.py's `fit_nuts` (4 chains x 1000 draws after 1000
@@ -125,6 +125,7 @@ def test_cbpp_matches_lme4_glmer():
 # tank's survival probability p (tanks 1-48, rounded to 0.001).
 REEDFROGS_NUTS = {
     "a_bar": 1.344,
+    "a_bar_sd": 0.257,
     "sigma": 1.617,
     "p": [
         0.870, 0.933, 0.712, 0.932, 0.870, 0.871, 0.934, 0.868, 0.460, 0.871, 0.711, 0.628,
@@ -146,11 +147,16 @@ def test_regressor_fits_m13_2_with_its_exact_priors_at_the_defaults():
         random_state=0,
     )
     est.fit(tanks, frogs["propsurv"], sample_weight=frogs["density"])
-    # The issue's tolerances for the same comparison made by the example. Measured: a_bar
-    # 1.337, sigma 1.579 (mean-field VI shrinks sigma a little: it drops the posterior
-    # correlation of a_bar and the offsets) and tank probabilities 0.0015 off on average.
-    assert est.intercept_ == pytest.approx(REEDFROGS_NUTS["a_bar"], abs=0.15)
-    assert est.variance_components_["tank"] == pytest.approx(REEDFROGS_NUTS["sigma"], abs=0.25)
+    # The finish is the Laplace approximation (glmer's), with sigma at the mode of its
+    # marginal posterior on the log scale; NUTS reports posterior means. Measured: a_bar
+    # 1.305 (sd 0.241), sigma 1.560: the mode-vs-mean gap of a right-skewed posterior,
+    # -0.04 and -0.06, against NUTS's Monte Carlo error of ~0.01. Allow twice that gap.
+    assert est.intercept_ == pytest.approx(REEDFROGS_NUTS["a_bar"], abs=0.08)
+    assert est.variance_components_["tank"] == pytest.approx(REEDFROGS_NUTS["sigma"], abs=0.12)
+    # the joint posterior keeps a_bar's correlation with the offsets: its sd within 20% of
+    # NUTS's 0.257 (the mean-field finish gave 0.080)
+    a_bar_sd = inspection.fixed_effects(est)["sd"].iloc[0]
+    assert a_bar_sd == pytest.approx(REEDFROGS_NUTS["a_bar_sd"], rel=0.2)
     draws = sample_predictive(est.model_, [np.arange(48)], num_samples=4000, seed=0)
     probability = draws["mean"][:, :, 0].mean(axis=0)  # E_q[p], as NUTS's posterior mean
     assert np.mean(np.abs(probability - REEDFROGS_NUTS["p"])) < 0.03

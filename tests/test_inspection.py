@@ -150,7 +150,7 @@ def test_summary_renders_the_tables(fitted):
     result = inspection.summary(est, X, y)
     text = str(result)
     pd.testing.assert_frame_equal(result.fixed_effects, inspection.fixed_effects(est))
-    assert text.startswith("Bayesian mixed model fit by variational inference")
+    assert text.startswith("Bayesian mixed model fit by SGD on the ELBO, then lme4's REML finish")
     assert f"{-est.history_['loss'][-1]:.4f}" in text
     assert "Number of obs: 800, groups:  group_0, 15" in text
     sigma = est.variance_components_["group_0"]
