@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from reffects.finish import finish_gaussian, finish_glmm
 from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
-from reffects.models import build_mixed_model
+from reffects.models import build_mixed_model, mixed_model_layers
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import inverse_softplus
 from reffects.training import StopOnNonFiniteLoss, check_finite_parameters, predict_means
@@ -545,17 +545,14 @@ class _MixedModelEstimator(BaseEstimator):
             shuffle=False,
             verbose=self.verbose,
         )
-        network = self.model_.network
+        layers = mixed_model_layers(self.model_)
         finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
         options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
         self.joint_posterior_ = finish(
             self.model_,
-            network.get_layer("global_intercept"),
-            [
-                (network.get_layer(f"random_intercept_{k}"), codes)
-                for k, codes in enumerate(data.codes)
-            ],
-            network.get_layer("fixed_effects") if data.features.size else None,
+            layers.intercept,
+            list(zip(layers.factors, data.codes)),
+            layers.fixed_effects,
             data.features,
             y=model_y,
             # Without a subnetwork the predictor is the sum of the finished terms.
@@ -665,7 +662,7 @@ class _MixedModelEstimator(BaseEstimator):
     def _initialise_offsets(self, codes, row_information):
         """Starts each group's posterior sd at its Laplace value at the starting point."""
         for k, group_codes in enumerate(codes):
-            layer = self.model_.network.get_layer(f"random_intercept_{k}")
+            layer = mixed_model_layers(self.model_).factors[k]
             layer.adapt(group_codes)
             information = np.bincount(
                 group_codes, weights=row_information, minlength=layer.num_groups
@@ -692,11 +689,11 @@ class _MixedModelEstimator(BaseEstimator):
         return shift, matrix, self._y_scale
 
     def _read_posteriors(self):
-        network = self.model_.network
+        layers = mixed_model_layers(self.model_)
         shift, matrix, response_scale = self._data_scale()
-        alpha = network.get_layer("global_intercept").intercept_loc.numpy()
-        if self._feature_mean.size:
-            beta = network.get_layer("fixed_effects").kernel_loc.numpy()[:, 0]
+        alpha = layers.intercept.intercept_loc.numpy()
+        if layers.fixed_effects is not None:
+            beta = layers.fixed_effects.kernel_loc.numpy()[:, 0]
         else:
             beta = np.zeros(0)
         fixed = shift + matrix @ np.concatenate([alpha, beta]).astype("float64")
@@ -706,7 +703,7 @@ class _MixedModelEstimator(BaseEstimator):
         self.variance_components_ = {}
         self.random_effects_ = {}
         for k, (col, levels) in enumerate(zip(self._group_keys, self._levels)):
-            layer = network.get_layer(f"random_intercept_{k}")
+            layer = layers.factors[k]
             self.variance_components_[col] = response_scale * float(layer.group_scale()[0])
             table = layer.posterior_summary().iloc[: len(levels)].copy()
             for column in ("mean", "sd", "lower", "upper"):
@@ -717,15 +714,15 @@ class _MixedModelEstimator(BaseEstimator):
     def _subnetwork_part(self, data):
         """The subnetwork's output per row (the predictor less its linear part), on the
         model's scale, at the current posterior means."""
-        network = self.model_.network
-        linear = float(network.get_layer("global_intercept").intercept_loc.numpy()[0])
-        if data.features.shape[1]:
-            kernel = network.get_layer("fixed_effects").kernel_loc.numpy()[:, 0]
+        layers = mixed_model_layers(self.model_)
+        linear = float(layers.intercept.intercept_loc.numpy()[0])
+        if layers.fixed_effects is not None:
+            kernel = layers.fixed_effects.kernel_loc.numpy()[:, 0]
             linear = linear + data.features.astype("float64") @ kernel
         for k, codes in enumerate(data.codes):
-            offsets = network.get_layer(f"random_intercept_{k}").posterior()["offset"].loc
+            offsets = layers.factors[k].posterior()["offset"].loc
             linear = linear + offsets.numpy()[codes, 0]
-        return predict_means(network, data.model_inputs()) - linear
+        return predict_means(self.model_.network, data.model_inputs()) - linear
 
     def _posterior_mean_response(self, data):
         """The response mean at the posterior means, on the model's scale.

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
+from reffects.models import mixed_model_layers
 from reffects.posteriors import normal_summary
 from reffects.training import ELBOModel
 
@@ -98,11 +99,8 @@ class _Fit:
         self.fixed = self._at_most_one(layers, FixedEffects)
         self.likelihood = getattr(model, "likelihood", None)
         if self.estimator is not None:
-            network = model.network
             keys = list(obj.random_effects_)
-            self.factors = {
-                key: network.get_layer(f"random_intercept_{k}") for k, key in enumerate(keys)
-            }
+            self.factors = dict(zip(keys, mixed_model_layers(model).factors))
             self.levels = {key: obj.random_effects_[key].index for key in keys}
             self.shift, self.matrix, self.response_scale = obj._data_scale()
             self.term_names = [INTERCEPT, *_estimator_feature_names(obj)]

@@ -7,6 +7,7 @@ their own.
 """
 
 import numbers
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -174,3 +175,40 @@ def _subnetwork(features, hidden_units, columns, dropout, regularizer, next_seed
         kernel_regularizer=regularizer,
         name="subnetwork_output",
     )(hidden)
+
+
+@dataclass(frozen=True)
+class MixedModelLayers:
+    """The variational layers of a network made by `build_mixed_model`.
+
+    Attributes:
+        intercept: the `GlobalIntercept`.
+        fixed_effects: the `FixedEffects`, or None without features.
+        factors: one `RandomIntercept` per grouping factor, in `num_groups`'s order.
+    """
+
+    intercept: GlobalIntercept
+    fixed_effects: FixedEffects | None
+    factors: list
+
+
+def mixed_model_layers(model) -> MixedModelLayers:
+    """The layers `build_mixed_model` made, found where it put them (a saved and reloaded
+    model too), so no other module needs their names.
+
+    Example:
+        >>> layers = mixed_model_layers(build_mixed_model(num_features=2, num_groups=[3, 4]))
+        >>> [layer.num_groups for layer in layers.factors]
+        [3, 4]
+    """
+    network = model.network
+    factors, k = [], 0
+    while any(layer.name == f"random_intercept_{k}" for layer in network.layers):
+        factors.append(network.get_layer(f"random_intercept_{k}"))
+        k += 1
+    names = {layer.name for layer in network.layers}
+    return MixedModelLayers(
+        intercept=network.get_layer("global_intercept"),
+        fixed_effects=network.get_layer("fixed_effects") if "fixed_effects" in names else None,
+        factors=factors,
+    )
