@@ -38,6 +38,7 @@ _FEW_STEPS = 1000
 _FAMILIES = ("gaussian", "binomial", "poisson")
 _PREDICTIVE_DRAWS = 1000
 _INITIAL_GROUP_SCALE = 0.5
+_PROBE_ROWS = 4096  # rows on which a subnetwork fit is checked to have improved
 _ROWS_PER_DRAW_CHUNK = 2_000_000  # rows x draws per chunk of predictive draws
 _INITIAL_NOISE_SCALE = 0.7
 _FLOAT32_MAX = float(np.finfo("float32").max)
@@ -536,6 +537,7 @@ class _MixedModelEstimator(BaseEstimator):
                 )
             )
         start = time.perf_counter()
+        probe = self._probe(data, model_y, weights) if self.hidden_units else None
         history = self.model_.fit(
             stream,
             epochs=epochs,
@@ -545,6 +547,8 @@ class _MixedModelEstimator(BaseEstimator):
             shuffle=False,
             verbose=self.verbose,
         )
+        if probe is not None:
+            self._check_training_helped(*probe)
         layers = mixed_model_layers(self.model_)
         finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
         options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
@@ -710,6 +714,34 @@ class _MixedModelEstimator(BaseEstimator):
                 table[column] *= response_scale
             table.index = levels.rename(col)
             self.random_effects_[col] = table
+
+    def _probe(self, data, model_y, weights):
+        """Up to 4,096 training rows and the mean NLL of the untrained model on them."""
+        rows = slice(0, _PROBE_ROWS)
+        probe = (
+            [values[rows] for values in data.model_inputs()],
+            model_y[rows],
+            None if weights is None else weights[rows],
+        )
+        return probe, self._mean_nll(*probe)
+
+    def _mean_nll(self, inputs, y, weights):
+        eta = keras.ops.convert_to_tensor(predict_means(self.model_.network, inputs)[:, None])
+        mean = self.model_.likelihood.call(keras.ops.cast(eta, "float32"))
+        sample_weight = None if weights is None else weights.astype("float32")[:, None]
+        nll = self.model_.likelihood.mean_nll(y[:, None], mean, sample_weight)
+        return float(keras.ops.convert_to_numpy(nll))
+
+    def _check_training_helped(self, probe, before):
+        """A subnetwork that SGD made worse than its random start (a learning rate too high
+        that blew up without a NaN) is an error; the finish holds it and cannot repair it."""
+        after = self._mean_nll(*probe)
+        if not after <= before:
+            raise ValueError(
+                f"training diverged: the mean negative log-likelihood of the first "
+                f"{len(probe[1])} training rows rose from {before:.4g} before training to "
+                f"{after:.4g} after it; lower `learning_rate` (got {self.learning_rate})"
+            )
 
     def _subnetwork_part(self, data):
         """The subnetwork's output per row (the predictor less its linear part), on the

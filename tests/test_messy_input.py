@@ -94,6 +94,21 @@ def test_a_diverging_fit_raises_and_names_the_learning_rate():
         est.fit(X, y)
 
 
+def test_a_subnetwork_made_worse_by_training_is_an_error():
+    # Poisson with a subnetwork at learning_rate=1 blows up without a NaN (the loss ends at
+    # ~100x the loss at 0.01); the finish holds the subnetwork, so it cannot repair the fit.
+    X, _ = _frame(300)
+    y = np.random.default_rng(1).poisson(np.exp(1.0 + 0.5 * X["x"]))
+    est = RandomEffectsRegressor(
+        group_cols=["g", "h"], family="poisson", hidden_units=(8,), learning_rate=1,
+        epochs=20, random_state=0,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"training diverged.*rose from .*`learning_rate` \(got 1\)"
+    ):
+        est.fit(X, y)
+
+
 def test_a_wild_warm_start_is_recovered_by_the_exact_finish():
     # Poisson at learning_rate=3 once ended with every estimate NaN. SGD's loss now stays
     # finite but far off (about 100x the loss at 0.01); the Laplace finish starts from it
