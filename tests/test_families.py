@@ -285,9 +285,12 @@ def test_reedfrogs_example_runs_small(tmp_path):
 def test_reedfrogs_example_agrees_with_nuts(tmp_path):
     results = _reedfrogs_example().run(tmp_path)
     difference = results["table"]["difference"]
-    # The tolerances; measured -0.003, -0.036 and 0.004.
-    assert abs(difference["a_bar"]) < 0.15
-    assert abs(difference["sigma"]) < 0.25
-    assert results["tank_difference"] < 0.03
+    # Mean-field VI (the example's ELBOModel.fit, no finish) against NUTS's posterior means.
+    # Measured on 2026-11-27 and 2026-11-30: a_bar -0.003 / +0.007, sigma -0.036 / -0.043
+    # (mean-field VI under-disperses sigma), tanks 0.004 / 0.005. NUTS's Monte Carlo error
+    # is about 0.01 on each; allow about twice the largest gap plus that.
+    assert abs(difference["a_bar"]) < 0.03
+    assert abs(difference["sigma"]) < 0.1
+    assert results["tank_difference"] < 0.015
     rhat = max(np.max(r) for r, _ in results["nuts"]["diagnostics"].values())
     assert rhat < 1.01
