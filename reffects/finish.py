@@ -46,6 +46,8 @@ MAX_DENSE_LEVELS = 4000
 effects) factored dense."""
 
 _TOLERANCE = 1e-10
+_DENSE_CROSS_COLUMNS = 256
+_CLASS_GRAM_ENTRIES = 4_000_000  # per-weight sums kept up to 32 MB
 _SMALLEST_THETA = 1e-5
 """sigma_k / s at the boundary: a factor with no variance is reported with 1e-5 of the noise
 scale (the criterion's value there is within 1e-10 of its value at 0)."""
@@ -64,6 +66,69 @@ _one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 def _indicator(codes, num_levels, values):
     rows = np.arange(len(codes))
     return sparse.csr_matrix((values, (rows, codes)), shape=(len(codes), num_levels))
+
+
+class _FirstFactorSums:
+    """Sums over the largest factor's groups that its diagonal block D = t^2 W + 1 weights.
+
+    For a power q, `at(t^2, q)` gives sum_g D_g^-q c_g c_g' ("gram"), sum_g D_g^-q c_g h_g
+    ("moment") and sum_g D_g^-q h_g^2 ("squares"), c_g the group's row of `cross`, h_g its
+    weighted sum of y and W_g its weight. Groups of equal weight share D_g, so when there are
+    few distinct weights (whole-row counts) the sums are kept per weight and an evaluation
+    costs the number of distinct weights, not of groups: a million groups cost what a
+    thousand do. Otherwise (or when m is wide) the groups with weight are summed directly.
+    """
+
+    def __init__(self, weight, moment, cross):
+        self.num_groups = len(weight)
+        active = np.flatnonzero(weight > 0)  # groups without weight: D = 1, c = 0, h = 0
+        self.num_active = len(active)
+        weights, classes = np.unique(weight[active], return_inverse=True)
+        m = cross.shape[1]
+        rows = cross[active]
+        rows = rows.toarray() if m <= _DENSE_CROSS_COLUMNS else rows
+        h = moment[active]
+        if len(weights) * m * m <= _CLASS_GRAM_ENTRIES and isinstance(rows, np.ndarray):
+            self.weight, self.count = weights, np.bincount(classes)
+            self.gram = np.stack(
+                [rows[classes == c].T @ rows[classes == c] for c in range(len(weights))]
+            )
+            self.moment = np.stack(
+                [rows[classes == c].T @ h[classes == c] for c in range(len(weights))]
+            )
+            self.squares = np.bincount(classes, np.square(h))
+        else:  # one class per group
+            self.weight, self.count, self.rows, self.h = weight[active], None, rows, h
+
+    def at(self, t_squared, power):
+        inverse = (t_squared * self.weight + 1.0) ** -power
+        if self.count is not None:
+            return {
+                "gram": np.tensordot(inverse, self.gram, axes=1),
+                "moment": inverse @ self.moment,
+                "squares": inverse @ self.squares,
+            }
+        if isinstance(self.rows, np.ndarray):
+            gram = (self.rows * inverse[:, None]).T @ self.rows
+        else:
+            gram = (self.rows.T @ sparse.diags(inverse) @ self.rows).toarray()
+        return {
+            "gram": gram,
+            "moment": np.asarray(self.rows.T @ (inverse * self.h)).reshape(-1),
+            "squares": inverse @ np.square(self.h),
+        }
+
+    def _count(self):
+        return np.ones(len(self.weight)) if self.count is None else self.count
+
+    def log_diagonal(self, t_squared):
+        """sum_g log D_g (groups without weight add log 1 = 0)."""
+        return self._count() @ np.log(t_squared * self.weight + 1.0)
+
+    def inverse_diagonal(self, t_squared):
+        """sum_g 1 / D_g over every group."""
+        inactive = self.num_groups - self.num_active
+        return self._count() @ (t_squared * self.weight + 1.0) ** -1.0 + inactive
 
 
 class LinearMixedSystem:
@@ -124,6 +189,7 @@ class LinearMixedSystem:
             self.first_moment = np.bincount(first_codes, weights * response, levels)
             indicator = _indicator(first_codes, levels, np.ones(len(response)))
             self.cross = sparse.csr_matrix(indicator.T @ weighted_rest)
+            self._first_sums = _FirstFactorSums(self.first_weight, self.first_moment, self.cross)
 
     def _theta_per_rest_entry(self, theta):
         """Lambda's diagonal over r: theta_k for factor k's levels, 1 for beta."""
@@ -145,10 +211,9 @@ class LinearMixedSystem:
         gram, moment = self.rest_gram, self.rest_moment
         if self.first is not None:
             t1 = theta[self.first]
-            diagonal = t1**2 * self.first_weight + 1.0
-            scaled_cross = sparse.diags(1.0 / diagonal) @ self.cross
-            gram = gram - t1**2 * (self.cross.T @ scaled_cross).toarray()
-            moment = moment - t1**2 * (self.cross.T @ (self.first_moment / diagonal))
+            sums = self._first_sums.at(t1**2, 1)
+            gram = gram - t1**2 * sums["gram"]
+            moment = moment - t1**2 * sums["moment"]
         # beta's prior as a ridge; floored for an exact fit (s -> 0), where it alone keeps
         # collinear fixed effects determined
         ridge = self._ridge(noise_variance)
@@ -167,11 +232,10 @@ class LinearMixedSystem:
         solution_rhs = rest @ full_rhs
         log_det_random = 2.0 * np.sum(np.log(np.diag(factor)[: self.num_rest_levels]))
         log_det_fixed = 2.0 * np.sum(np.log(np.diag(factor)[self.num_rest_levels :]))
-        first = None
         if self.first is not None:
-            first = t1 * (self.first_moment - self.cross @ (scale * rest)) / diagonal
-            solution_rhs += t1 * (first @ self.first_moment)
-            log_det_random += np.sum(np.log(diagonal))
+            # t1 * (first @ first_moment), with first = t1 (h1 - cross v) / D1, v = scale r
+            solution_rhs += t1**2 * (sums["squares"] - (scale * rest) @ sums["moment"])
+            log_det_random += self._first_sums.log_diagonal(t1**2)
         residual = (
             self.weighted_squares
             + ridge * self.prior_mean @ (self.prior_precision * self.prior_mean)
@@ -181,12 +245,17 @@ class LinearMixedSystem:
             "scale": scale,
             "factor": factor,
             "rest": rest,
-            "first": first,
-            "diagonal": diagonal if self.first is not None else None,
+            "theta": theta,
             "log_det_random": log_det_random,
             "log_det_fixed": log_det_fixed,
             "residual": max(residual, 0.0),
         }
+
+    def first_solution(self, pls):
+        """u of the first factor in a `solve` result: t1 (h1 - cross v) / D1, v = scale r."""
+        t1 = pls["theta"][self.first]
+        diagonal = t1**2 * self.first_weight + 1.0
+        return t1 * (self.first_moment - self.cross @ (pls["scale"] * pls["rest"])) / diagonal
 
     def criterion(self, theta, noise_variance, reml=True):
         """The profiled REML (or ML) criterion at theta, its gradient, and the profiled s^2.
@@ -237,15 +306,21 @@ class LinearMixedSystem:
             traces[k] = diagonal[columns].sum()
             squares[k] = np.sum(np.square(pls["rest"][columns]))
         if self.first is not None:
-            t1, d1 = theta[self.first], pls["diagonal"]
+            t1 = theta[self.first]
+            sums = self._first_sums.at(t1**2, 2)
             # (M^-1) over the first factor: D1^-1 + t1^2 D1^-1 C S^-1 C' D1^-1, where
             # C = cross diag(scale) (restricted to the u columns for ML).
             columns = slice(None) if reml else slice(0, num_rest)
-            scaled = (sparse.diags(1.0 / d1) @ self.cross)[:, columns]
-            scaled = scaled @ sparse.diags(pls["scale"][columns])
-            second = (scaled.T @ scaled).toarray()
-            traces[self.first] = np.sum(1.0 / d1) + t1**2 * np.sum(inverse * second)
-            squares[self.first] = np.sum(np.square(pls["first"]))
+            scale = pls["scale"][columns]
+            second = scale[:, None] * sums["gram"][columns, columns] * scale
+            traces[self.first] = self._first_sums.inverse_diagonal(t1**2) + t1**2 * np.sum(
+                inverse * second
+            )
+            # |u_first|^2 = t1^2 sum_g (h1_g - c_g v)^2 / D1_g^2
+            v = pls["scale"] * pls["rest"]
+            squares[self.first] = t1**2 * (
+                sums["squares"] - 2.0 * v @ sums["moment"] + v @ sums["gram"] @ v
+            )
         return traces, squares
 
     @_one_blas_thread
@@ -311,9 +386,10 @@ class LinearMixedSystem:
         if self.first is not None:
             t1 = theta[self.first]
             first = self.first
-            first_mean = t1 * pls["first"]
-            first_variance = variance * t1**2 / pls["diagonal"]
-            coupling = sparse.diags(t1**2 / pls["diagonal"]) @ self.cross
+            diagonal = t1**2 * self.first_weight + 1.0
+            first_mean = t1 * self.first_solution(pls)
+            first_variance = variance * t1**2 / diagonal
+            coupling = sparse.diags(t1**2 / diagonal) @ self.cross
         return JointPosterior(
             self.num_levels,
             first,
@@ -640,7 +716,7 @@ def _coefficients(system, pls, beta, free_beta):
     for k, columns in system.rest_layout.items():
         offsets[k] = pls["rest"][columns]
     if system.first is not None:
-        offsets[system.first] = pls["first"]
+        offsets[system.first] = system.first_solution(pls)
     new_beta = pls["rest"][system.num_rest_levels :] if free_beta else beta
     return offsets, np.array(new_beta, "float64")
 
