@@ -446,13 +446,10 @@ def finish_gaussian(
         >>> posterior.fixed_mean().shape
         (1,)
     """
-    y = np.asarray(y, "float64").reshape(-1)
-    weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
+    y, weights, layers, codes = _rows_and_factors(y, sample_weight, factors)
     design, _, prior_mean, prior_precision = _linear_layers(
         intercept, fixed_effects, features, len(y)
     )
-    layers = [layer for layer, _ in factors]
-    codes = [np.asarray(ids, "int64").reshape(-1) for _, ids in factors]
     system = LinearMixedSystem(
         y - held,
         weights,
@@ -721,6 +718,15 @@ def _coefficients(system, pls, beta, free_beta):
     return offsets, np.array(new_beta, "float64")
 
 
+def _rows_and_factors(y, sample_weight, factors):
+    """y and the weights as float64 vectors; the factors' layers and their integer ids."""
+    y = np.asarray(y, "float64").reshape(-1)
+    weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
+    layers = [layer for layer, _ in factors]
+    codes = [np.asarray(ids, "int64").reshape(-1) for _, ids in factors]
+    return y, weights, layers, codes
+
+
 def _linear_layers(intercept, fixed_effects, features, num_rows):
     """The design [1, x], current means and Normal priors of (alpha, beta)."""
     design = np.ones((num_rows, 1))
@@ -797,14 +803,11 @@ def finish_glmm(
         >>> bool(posterior.offset_mean(0)[0] > 0 > posterior.offset_mean(0)[1])
         True
     """
-    y = np.asarray(y, "float64").reshape(-1)
-    weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
+    y, weights, layers, codes = _rows_and_factors(y, sample_weight, factors)
     _warn_without_events(model.likelihood, y, weights)
     design, beta, prior_mean, prior_precision = _linear_layers(
         intercept, fixed_effects, features, len(y)
     )
-    layers = [layer for layer, _ in factors]
-    codes = [np.asarray(ids, "int64").reshape(-1) for _, ids in factors]
     glmm = GeneralizedMixedModel(
         model.likelihood,
         y,
