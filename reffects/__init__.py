@@ -3,7 +3,8 @@
 # First, before any module imports TensorFlow: see `reffects/_startup.py`.
 from reffects import _startup  # noqa: F401
 from reffects.estimators import RandomEffectsClassifier, RandomEffectsRegressor
-from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
+from reffects.formula import from_formula
+from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
 from reffects.likelihoods import Bernoulli, Binomial, Gaussian, Poisson
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import Exponential, HalfNormal
@@ -23,8 +24,10 @@ __all__ = [
     "HalfNormal",
     "LazyAdam",
     "Poisson",
+    "RandomEffects",
     "RandomIntercept",
     "count_groups",
+    "from_formula",
     "predict_interval",
     "sample_predictive",
 ]

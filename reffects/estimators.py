@@ -13,13 +13,14 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from scipy import sparse
+from scipy import sparse, stats
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from reffects.finish import finish_gaussian, finish_glmm
+from reffects.layers import RandomIntercept
 from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model, mixed_model_layers
 from reffects.optimizers import LazyAdam
@@ -131,6 +132,14 @@ _SHARED_PARAMETERS = """
     group_cols : list of column names (DataFrame) or integer positions (ndarray)
         The grouping factors; every other column is a numeric fixed-effect feature.
         `()` leaves no grouping factor (a Bayesian generalised linear model).
+    random_slopes : dict or None
+        Group column -> list of feature columns whose slopes vary by that factor's groups,
+        as lme4's `(1 + x | g)`: `{"Subject": ["Days"]}`. The columns stay fixed effects
+        too; the factor's intercept and slopes get one covariance matrix (see
+        `correlated_slopes`). None: a random intercept per factor only.
+    correlated_slopes : bool
+        True: each factor's intercept and slopes are correlated (lme4's `|`); False:
+        independent (lme4's `||`, on the features' own origin).
     hidden_units : tuple of int
         `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f.
     subnetwork_cols : list of column names or positions, or None
@@ -172,9 +181,15 @@ _SHARED_ATTRIBUTES = """
     coef_ : ndarray of shape (n_fixed_features,)
         Posterior means of the linear fixed effects, in the order of the non-group columns.
     variance_components_ : dict
-        Group column -> sigma_k, the standard deviation of its offsets.
+        Group column -> sigma_k, the standard deviation of its offsets (of its random
+        intercept, with random slopes).
+    random_effects_covariance_ : dict
+        Group column -> DataFrame whose index and columns are `["(Intercept)", *slope
+        columns]`, the covariance of each group's coefficients (1 x 1 without slopes).
     random_effects_ : dict
-        Group column -> DataFrame indexed by level with columns mean, sd, lower, upper, n.
+        Group column -> DataFrame indexed by level with columns mean, sd, lower, upper (the
+        intercept offset's), then `mean_<col>`, `sd_<col>`, `lower_<col>`, `upper_<col>` per
+        slope column, and n.
     feature_names_in_, n_features_in_ : as in scikit-learn
     model_ : the fitted `ELBOModel`
     history_ : dict of per-epoch `loss`, `nll` and `kl` (and `val_*` with early stopping)
@@ -215,6 +230,17 @@ class _MixedModelEstimator(BaseEstimator):
                 f"Received: validation_fraction={self.validation_fraction!r}"
             )
         self._hidden_layers()
+        if not isinstance(self.correlated_slopes, (bool, np.bool_)):
+            raise ValueError(
+                "`correlated_slopes` must be True or False. "
+                f"Received: correlated_slopes={self.correlated_slopes!r}"
+            )
+        if self.random_slopes and self.scale_prior is not None:
+            raise ValueError(
+                "`scale_prior` applies to random intercepts; with `random_slopes` each "
+                "factor's covariance is a point estimate (lme4's). Received: "
+                f"scale_prior={self.scale_prior!r}, random_slopes={self.random_slopes!r}"
+            )
         self._seed = self._random_seed()
 
     def _hidden_layers(self) -> tuple:
@@ -284,6 +310,41 @@ class _MixedModelEstimator(BaseEstimator):
                     "numeric feature columns, which must not be in `group_cols`"
                 )
         return [feature_positions.index(pos) for pos in positions]
+
+    def _slope_positions(self, X, cols, group_positions, feature_positions):
+        """Per grouping factor, the positions in the feature matrix of its random slopes'
+        columns (None for a random intercept alone)."""
+        slopes = self.random_slopes
+        if slopes is None:
+            return [None] * len(cols)
+        if not isinstance(slopes, dict):
+            raise ValueError(
+                "`random_slopes` must be a dict mapping group columns to lists of feature "
+                f"columns, e.g. {{'Subject': ['Days']}}. Received: random_slopes={slopes!r}"
+            )
+        unknown = [key for key in slopes if key not in cols]
+        if unknown:
+            raise ValueError(
+                f"`random_slopes` names {unknown[0]!r}, which is not in `group_cols` "
+                f"({cols}); its keys are grouping columns"
+            )
+        result = []
+        for col in cols:
+            slope_cols = _as_column_list(slopes.get(col, []))
+            if not slope_cols:
+                result.append(None)
+                continue
+            if len(set(map(str, slope_cols))) != len(slope_cols):
+                raise ValueError(f"`random_slopes[{col!r}]` lists a column twice: {slope_cols}")
+            positions = _column_positions(X, slope_cols, "random slope")
+            for slope_col, pos in zip(slope_cols, positions):
+                if pos in group_positions:
+                    raise ValueError(
+                        f"random slope column {slope_col!r} of {col!r} is a group column; "
+                        "slopes vary on numeric feature columns"
+                    )
+            result.append([feature_positions.index(pos) for pos in positions])
+        return result
 
     @staticmethod
     def _as_frame(X):
@@ -376,6 +437,7 @@ class _MixedModelEstimator(BaseEstimator):
         if reset:
             self._feature_labels = [names[pos] for pos in feature_positions]
         subnetwork_features = self._subnetwork_positions(frame, positions, feature_positions)
+        slopes = self._slope_positions(frame, cols, positions, feature_positions)
         features = np.empty((frame.shape[0], len(feature_positions)))
         for j, pos in enumerate(feature_positions):
             column = frame.iloc[:, pos]
@@ -398,7 +460,7 @@ class _MixedModelEstimator(BaseEstimator):
                     f"feature column {names[pos]!r} contains NaN or infinity "
                     f"(first at row {int(np.argmax(bad))})"
                 )
-        return features, groups, cols, subnetwork_features
+        return features, groups, cols, subnetwork_features, slopes
 
     @staticmethod
     def _check_sample_weight(sample_weight, num_rows):
@@ -440,11 +502,12 @@ class _MixedModelEstimator(BaseEstimator):
 
     # ----------------------------------------------------------------------- encoding
     def _encode(self, X, reset):
-        features, groups, cols, subnetwork_features = self._split_columns(X, reset)
+        features, groups, cols, subnetwork_features, slopes = self._split_columns(X, reset)
         # `features` is this method's own copy, standardised in place.
         if reset:
             self._group_keys = cols
             self._subnetwork_features = subnetwork_features
+            self._random_slopes = slopes
             self._levels = [_group_levels(col, values) for col, values in zip(cols, groups)]
             self._feature_mean, self._feature_scale = _standardise(
                 features, self._feature_labels, "feature column"
@@ -505,6 +568,9 @@ class _MixedModelEstimator(BaseEstimator):
             initial_group_scale=_INITIAL_GROUP_SCALE,
             num_examples=num_rows,
             seed=seed,
+            random_slopes=self._random_slopes,
+            correlated_slopes=bool(self.correlated_slopes),
+            slope_shifts=self._slope_shifts(),
         )
         self._initialise_offsets(data.codes, row_information)
 
@@ -555,7 +621,7 @@ class _MixedModelEstimator(BaseEstimator):
         self.joint_posterior_ = finish(
             self.model_,
             layers.intercept,
-            list(zip(layers.factors, data.codes)),
+            list(zip(layers.factors, data.codes, self._slope_inputs(data))),
             layers.fixed_effects,
             data.features,
             y=model_y,
@@ -668,11 +734,57 @@ class _MixedModelEstimator(BaseEstimator):
         for k, group_codes in enumerate(codes):
             layer = mixed_model_layers(self.model_).factors[k]
             layer.adapt(group_codes)
+            if self._random_slopes[k]:
+                continue  # a RandomEffects layer keeps its own starting q
             information = np.bincount(
                 group_codes, weights=row_information, minlength=layer.num_groups
             )
             sd = 1.0 / np.sqrt(information + 1.0 / _INITIAL_GROUP_SCALE**2)
             layer.offset_untransformed_scale.assign(inverse_softplus(sd)[:, None].astype("float32"))
+
+    def _slope_shifts(self):
+        """Per factor, what the slope inputs add to the standardised features: nothing when
+        the terms are correlated (the fit does not depend on the origin), the features'
+        mean over sd when they are independent, so that independence holds at the data's
+        own origin, as lme4's `||` means it."""
+        shifts = []
+        for positions in self._random_slopes:
+            if not positions or self.correlated_slopes:
+                shifts.append(None)
+                continue
+            shifts.append(list(self._feature_mean[positions] / self._feature_scale[positions]))
+        return shifts
+
+    def _slope_inputs(self, data):
+        """Per factor, its rows' slope covariates on the model's scale, or None."""
+        inputs = []
+        for positions, shift in zip(self._random_slopes, self._slope_shifts()):
+            if not positions:
+                inputs.append(None)
+                continue
+            z = data.features[:, positions].astype("float64")
+            inputs.append(z if shift is None else z + np.asarray(shift))
+        return inputs
+
+    def _factor_terms(self, data):
+        """Per factor, its rows' term vectors `[1, z]` (None for a random intercept)."""
+        return [
+            None if z is None else np.column_stack([np.ones(len(z)), z])
+            for z in self._slope_inputs(data)
+        ]
+
+    def _term_scale(self, k):
+        """The map A from factor k's coefficients on the model's scale to the data's, less
+        the response scale: a group's `[intercept, *slopes]` on the data's scale is
+        `response_scale * A` times the model's."""
+        positions = self._random_slopes[k] or []
+        matrix = np.eye(1 + len(positions))
+        if positions:
+            scale = self._feature_scale[positions]
+            matrix[1:, 1:] = np.diag(1.0 / scale)
+            if self.correlated_slopes:  # centred slopes move the intercept
+                matrix[0, 1:] = -self._feature_mean[positions] / scale
+        return matrix
 
     # ----------------------------------------------------------------------- reading
     def _data_scale(self):
@@ -705,15 +817,34 @@ class _MixedModelEstimator(BaseEstimator):
         if isinstance(self.model_.likelihood, Gaussian):
             self.noise_scale_ = response_scale * float(self.model_.likelihood.noise_scale())
         self.variance_components_ = {}
+        self.random_effects_covariance_ = {}
         self.random_effects_ = {}
         for k, (col, levels) in enumerate(zip(self._group_keys, self._levels)):
             layer = layers.factors[k]
-            self.variance_components_[col] = response_scale * float(layer.group_scale()[0])
-            table = layer.posterior_summary().iloc[: len(levels)].copy()
-            for column in ("mean", "sd", "lower", "upper"):
-                table[column] *= response_scale
-            table.index = levels.rename(col)
-            self.random_effects_[col] = table
+            slope_names = [self._feature_labels[j] for j in self._random_slopes[k] or []]
+            names = ["(Intercept)", *slope_names]
+            matrix = self._term_scale(k)  # the data's scale is response_scale times it
+            posterior = layer.posterior()["offset"]
+            loc = keras.ops.convert_to_numpy(posterior.mean()).astype("float64")[: len(levels)]
+            if isinstance(layer, RandomIntercept):
+                covariance = np.square(keras.ops.convert_to_numpy(posterior.stddev()))
+                sigma = keras.ops.convert_to_numpy(layer.group_scale()).reshape(1, 1)
+                group_covariance = sigma**2
+            else:
+                covariance = keras.ops.convert_to_numpy(posterior.covariance())
+                group_covariance = keras.ops.convert_to_numpy(layer.covariance())
+            covariance = covariance.astype("float64").reshape(-1, len(names), len(names))
+            covariance = covariance[: len(levels)]
+            group_covariance = matrix @ group_covariance.astype("float64") @ matrix.T
+            with np.errstate(over="ignore"):  # y on a scale near 1e200: the variances overflow
+                self.random_effects_covariance_[col] = pd.DataFrame(
+                    group_covariance * response_scale * response_scale, index=names, columns=names
+                )
+            self.variance_components_[col] = response_scale * float(np.sqrt(group_covariance[0, 0]))
+            mean = response_scale * (loc.reshape(len(levels), -1) @ matrix.T)
+            sd = response_scale * np.sqrt(np.einsum("ij,gjk,ik->gi", matrix, covariance, matrix))
+            counts = keras.ops.convert_to_numpy(layer.group_counts).astype("int64")
+            self.random_effects_[col] = _effects_table(col, levels, names, mean, sd, counts)
 
     def _probe(self, data, model_y, weights):
         """Up to 4,096 training rows and the mean NLL of the untrained model on them."""
@@ -753,9 +884,10 @@ class _MixedModelEstimator(BaseEstimator):
         if layers.fixed_effects is not None:
             kernel = layers.fixed_effects.kernel_loc.numpy()[:, 0]
             linear = linear + data.features.astype("float64") @ kernel
-        for k, codes in enumerate(data.codes):
-            offsets = layers.factors[k].posterior()["offset"].loc
-            linear = linear + offsets.numpy()[codes, 0]
+        for k, (codes, terms) in enumerate(zip(data.codes, self._factor_terms(data))):
+            offsets = keras.ops.convert_to_numpy(layers.factors[k].posterior()["offset"].mean())
+            offsets = offsets.reshape(len(offsets), -1)[codes]
+            linear = linear + (offsets[:, 0] if terms is None else np.sum(offsets * terms, axis=1))
         return predict_means(self.model_.network, data.model_inputs()) - linear
 
     def _posterior_mean_response(self, data):
@@ -774,6 +906,21 @@ class _MixedModelEstimator(BaseEstimator):
         tags.input_tags.categorical = True
         tags.non_deterministic = self.random_state is None
         return tags
+
+
+def _effects_table(col, levels, names, mean, sd, counts) -> pd.DataFrame:
+    """`random_effects_[col]`: per level, the intercept offset's mean, sd and 95% interval,
+    the same for each slope (`mean_<name>`, ...), and the training count n."""
+    half_width = stats.norm.ppf(0.975) * sd
+    table = pd.DataFrame(index=levels.rename(col))
+    for j, name in enumerate(names):
+        suffix = "" if j == 0 else f"_{name}"
+        table[f"mean{suffix}"] = mean[:, j]
+        table[f"sd{suffix}"] = sd[:, j]
+        table[f"lower{suffix}"] = mean[:, j] - half_width[:, j]
+        table[f"upper{suffix}"] = mean[:, j] + half_width[:, j]
+    table["n"] = counts[: len(levels)]
+    return table
 
 
 def _is_positive_int(value) -> bool:
@@ -974,6 +1121,8 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         self,
         *,
         group_cols=None,
+        random_slopes=None,
+        correlated_slopes: bool = True,
         hidden_units=(),
         subnetwork_cols=None,
         dropout: float = 0.0,
@@ -992,6 +1141,8 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         verbose: int = 0,
     ):
         self.group_cols = group_cols
+        self.random_slopes = random_slopes
+        self.correlated_slopes = correlated_slopes
         self.hidden_units = hidden_units
         self.subnetwork_cols = subnetwork_cols
         self.dropout = dropout
@@ -1133,7 +1284,9 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         """Var(y_new) on the standardised scale: the joint posterior's variance of the
         linear predictor (its correlations included) plus the noise."""
         design = np.column_stack([np.ones(len(data.features)), data.features])
-        variance = self.joint_posterior_.predictor_variance(design, data.codes)
+        variance = self.joint_posterior_.predictor_variance(
+            design, data.codes, self._factor_terms(data)
+        )
         return variance + float(self.model_.likelihood.noise_scale()) ** 2
 
     def _predictive_draws(self, data, num_samples, trials=None):
@@ -1149,11 +1302,16 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         design = np.column_stack([np.ones(len(data.features)), data.features])
         subnetwork = self._subnetwork_part(data) if self.hidden_units else None
         likelihood = self.model_.likelihood
+        terms = self._factor_terms(data)
         rows_per_chunk = max(1, _ROWS_PER_DRAW_CHUNK // num_samples)
         for start in range(0, len(design), rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             eta = self.joint_posterior_.sample_predictor(
-                design[rows], [c[rows] for c in data.codes], num_samples, rng
+                design[rows],
+                [c[rows] for c in data.codes],
+                num_samples,
+                rng,
+                [None if t is None else t[rows] for t in terms],
             )
             if subnetwork is not None:
                 eta += subnetwork[rows]
@@ -1212,6 +1370,8 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         self,
         *,
         group_cols=None,
+        random_slopes=None,
+        correlated_slopes: bool = True,
         hidden_units=(),
         subnetwork_cols=None,
         dropout: float = 0.0,
@@ -1228,6 +1388,8 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         verbose: int = 0,
     ):
         self.group_cols = group_cols
+        self.random_slopes = random_slopes
+        self.correlated_slopes = correlated_slopes
         self.hidden_units = hidden_units
         self.subnetwork_cols = subnetwork_cols
         self.dropout = dropout

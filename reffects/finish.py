@@ -40,7 +40,7 @@ from scipy import linalg, optimize, sparse, special
 from threadpoolctl import threadpool_limits
 
 from reffects.joint_posterior import JointPosterior
-from reffects import layers as _layers  # TEMP until RandomEffects lands
+from reffects.layers import RandomEffects
 from reffects.likelihoods import Poisson
 
 MAX_DENSE_LEVELS = 4000
@@ -411,8 +411,7 @@ class LinearMixedSystem:
                 scale[columns] = factors[k][0, 0]
             return scale
         blocks = [
-            sparse.kron(sparse.identity(self.num_levels[k]), factors[k])
-            for k in self.rest_layout
+            sparse.kron(sparse.identity(self.num_levels[k]), factors[k]) for k in self.rest_layout
         ]
         return sparse.block_diag([*blocks, sparse.identity(self.num_fixed)], format="csr")
 
@@ -1010,7 +1009,7 @@ def _rows_and_factors(y, sample_weight, factors):
 
 def _layer_terms(layer, slopes, num_rows):
     """A `RandomEffects` layer's term vectors, [1, z] (or z without its intercept)."""
-    if not isinstance(layer, getattr(_layers, "RandomEffects", ())):
+    if not isinstance(layer, RandomEffects):
         return None
     if slopes is None:
         raise ValueError(
@@ -1024,7 +1023,7 @@ def _layer_terms(layer, slopes, num_rows):
 def _covariance_factor(layer, scale):
     """Lambda_k = chol(Sigma_k) / s from the layer's current Sigma_k (diagonal when its
     terms are independent)."""
-    if not isinstance(layer, getattr(_layers, "RandomEffects", ())):
+    if not isinstance(layer, RandomEffects):
         return np.array([[float(layer.group_scale()[0])]]) / scale
     covariance = np.asarray(keras.ops.convert_to_numpy(layer.covariance()), "float64")
     if not layer.correlated:
@@ -1055,7 +1054,7 @@ def _write_back(posterior, intercept, fixed_effects, layers, factors, scale):
     if fixed_effects is not None:
         fixed_effects.set_posterior(fixed_mean[1:], fixed_sd[1:])
     for k, (layer, factor) in enumerate(zip(layers, factors)):
-        if isinstance(layer, getattr(_layers, "RandomEffects", ())):
+        if isinstance(layer, RandomEffects):
             layer.set_posterior(posterior.offset_mean(k), posterior.offset_covariance(k))
             layer.set_covariance(scale**2 * factor @ factor.T)
             continue

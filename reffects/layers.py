@@ -1,4 +1,7 @@
-"""Keras 3 layers with mean-field Normal posteriors: the terms of a mixed model's predictor.
+"""Keras 3 layers with Normal posteriors: the terms of a mixed model's predictor.
+
+q is mean-field across parameters, except within a group of `RandomEffects`, whose
+coefficients have a full-covariance MVN posterior.
 
 Each layer adds, through `add_loss`, an unbiased estimate of its total KL(q || p); the
 `ELBOModel` divides the sum by the number of training examples N, so the loss Keras reports
@@ -13,6 +16,7 @@ import tensorflow_probability as tfp
 from keras import ops
 
 from reffects.posteriors import (
+    SCALE_FLOOR,
     add_normal_posterior,
     get_scale_prior,
     inverse_softplus,
@@ -287,8 +291,119 @@ class FixedEffects(keras.layers.Layer):
         return config
 
 
+class _GroupLayer(keras.layers.Layer):
+    """What the layers indexed by a group id share: training counts and id checks.
+
+    A subclass calls `_add_group_counts()` at the end of its `build` (after its own weights,
+    so the order of saved weights is its own first) and defines `_unbuilt_input_shape()`, the
+    input shape `adapt` builds it with when it has not been called yet. Error messages name
+    the subclass and the layer.
+    """
+
+    @property
+    def _kind(self):
+        return type(self).__name__
+
+    def _add_group_counts(self):
+        self.group_counts = self.add_weight(
+            name="group_counts",
+            shape=(self.num_groups,),
+            initializer="zeros",
+            trainable=False,
+        )
+        # sum(group_counts) and the number of groups with rows, kept so that a training
+        # step never reads every group.
+        self.total_count = self.add_weight(
+            name="total_count", shape=(), initializer="zeros", trainable=False
+        )
+        self.seen_groups = self.add_weight(
+            name="seen_groups", shape=(), initializer="zeros", trainable=False
+        )
+
+    def adapt(self, group_ids):
+        """Records each group's count in the training data (n_g of the KL scaling).
+
+        Args:
+            group_ids: the training rows' group ids: an array, or a `tf.data.Dataset` of id
+                tensors (batches count fastest), which is read once in constant memory
+                (`reffects.streaming.count_groups`).
+        """
+        if isinstance(group_ids, tf.data.Dataset):
+            counts = count_groups(group_ids, self.num_groups)
+        else:
+            counts = np.bincount(self.validate_ids(group_ids), minlength=self.num_groups)
+        if not self.built:
+            self.build(self._unbuilt_input_shape())
+        self.group_counts.assign(counts.astype("float32"))
+        self.total_count.assign(float(counts.sum()))
+        self.seen_groups.assign(float(np.count_nonzero(counts)))
+
+    @property
+    def is_adapted(self) -> bool:
+        """Whether `adapt` has recorded training counts."""
+        return self.built and bool(np.any(ops.convert_to_numpy(self.group_counts) > 0))
+
+    def validate_ids(self, group_ids) -> np.ndarray:
+        """Checks ids eagerly (integers in `[0, num_groups)`) and returns them as int64."""
+        values = np.asarray(group_ids)
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.ndim != 1:
+            raise ValueError(
+                f"{self._kind} '{self.name}' takes group ids of shape (batch,) or "
+                f"(batch, 1). Received shape {values.shape}"
+            )
+        if not (
+            np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+        ):
+            raise ValueError(
+                f"{self._kind} '{self.name}' takes integer group ids. Received dtype {values.dtype}"
+            )
+        if np.issubdtype(values.dtype, np.floating):
+            bad = values[~np.isfinite(values) | (values != np.round(values))]
+            if bad.size:
+                raise ValueError(
+                    f"group id {bad[0]} is not an integer; {self._kind} '{self.name}' "
+                    "takes integer group ids"
+                )
+        bad = values[(values < 0) | (values >= self.num_groups)]
+        if bad.size:
+            raise ValueError(
+                f"group id {bad[0]:g} is out of range for {self._kind} '{self.name}' with "
+                f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups})"
+            )
+        return values.astype("int64")
+
+    def _checked_ids(self, inputs):
+        if tf.executing_eagerly():
+            return ops.convert_to_tensor(self.validate_ids(ops.convert_to_numpy(inputs)))
+        ids = tf.reshape(inputs, [-1])
+        if ids.dtype.is_floating:
+            tf.debugging.assert_equal(
+                ids,
+                tf.round(ids),
+                message=f"group ids of {self._kind} {self.name} must be integers",
+            )
+        ids = tf.cast(ids, "int64")
+        smallest, largest = tf.reduce_min(ids), tf.reduce_max(ids)
+        check = tf.debugging.Assert(
+            (smallest >= 0) & (largest < self.num_groups),
+            [
+                f"group id out of range for {self._kind} {self.name} with "
+                f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups}). "
+                "Smallest and largest id received:",
+                smallest,
+                largest,
+            ],
+        )
+        # The gathers wait for the check, so a bad id is reported as such (and a GPU never
+        # gathers with it).
+        with tf.control_dependencies([check]):
+            return tf.identity(ids)
+
+
 @keras.saving.register_keras_serializable(package="reffects")
-class RandomIntercept(keras.layers.Layer):
+class RandomIntercept(_GroupLayer):
     """Per-group intercept offsets b[g] with partial pooling through a learned scale sigma.
 
         b[g] ~ Normal(0, sigma)                     q(b[g]) = Normal(loc[g], scale[g])
@@ -376,102 +491,10 @@ class RandomIntercept(keras.layers.Layer):
                     0.1,
                 )
             )
-        self.group_counts = self.add_weight(
-            name="group_counts",
-            shape=(self.num_groups,),
-            initializer="zeros",
-            trainable=False,
-        )
-        # sum(group_counts) and the number of groups with rows, kept so that a training
-        # step never reads every group.
-        self.total_count = self.add_weight(
-            name="total_count", shape=(), initializer="zeros", trainable=False
-        )
-        self.seen_groups = self.add_weight(
-            name="seen_groups", shape=(), initializer="zeros", trainable=False
-        )
+        self._add_group_counts()
 
-    def adapt(self, group_ids):
-        """Records each group's count in the training data (n_g of the KL scaling).
-
-        Args:
-            group_ids: the training rows' group ids: an array, or a `tf.data.Dataset` of id
-                tensors (batches count fastest), which is read once in constant memory
-                (`reffects.streaming.count_groups`).
-        """
-        if isinstance(group_ids, tf.data.Dataset):
-            counts = count_groups(group_ids, self.num_groups)
-        else:
-            counts = np.bincount(self.validate_ids(group_ids), minlength=self.num_groups)
-        if not self.built:
-            self.build((None,))
-        self.group_counts.assign(counts.astype("float32"))
-        self.total_count.assign(float(counts.sum()))
-        self.seen_groups.assign(float(np.count_nonzero(counts)))
-
-    @property
-    def is_adapted(self) -> bool:
-        """Whether `adapt` has recorded training counts."""
-        return self.built and bool(np.any(ops.convert_to_numpy(self.group_counts) > 0))
-
-    def validate_ids(self, group_ids) -> np.ndarray:
-        """Checks ids eagerly (integers in `[0, num_groups)`) and returns them as int64."""
-        values = np.asarray(group_ids)
-        if values.ndim == 2 and values.shape[1] == 1:
-            values = values[:, 0]
-        if values.ndim != 1:
-            raise ValueError(
-                f"RandomIntercept '{self.name}' takes group ids of shape (batch,) or "
-                f"(batch, 1). Received shape {values.shape}"
-            )
-        if not (
-            np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
-        ):
-            raise ValueError(
-                f"RandomIntercept '{self.name}' takes integer group ids. "
-                f"Received dtype {values.dtype}"
-            )
-        if np.issubdtype(values.dtype, np.floating):
-            bad = values[~np.isfinite(values) | (values != np.round(values))]
-            if bad.size:
-                raise ValueError(
-                    f"group id {bad[0]} is not an integer; RandomIntercept '{self.name}' "
-                    "takes integer group ids"
-                )
-        bad = values[(values < 0) | (values >= self.num_groups)]
-        if bad.size:
-            raise ValueError(
-                f"group id {bad[0]:g} is out of range for RandomIntercept '{self.name}' with "
-                f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups})"
-            )
-        return values.astype("int64")
-
-    def _checked_ids(self, inputs):
-        if tf.executing_eagerly():
-            return ops.convert_to_tensor(self.validate_ids(ops.convert_to_numpy(inputs)))
-        ids = tf.reshape(inputs, [-1])
-        if ids.dtype.is_floating:
-            tf.debugging.assert_equal(
-                ids,
-                tf.round(ids),
-                message=f"group ids of RandomIntercept {self.name} must be integers",
-            )
-        ids = tf.cast(ids, "int64")
-        smallest, largest = tf.reduce_min(ids), tf.reduce_max(ids)
-        check = tf.debugging.Assert(
-            (smallest >= 0) & (largest < self.num_groups),
-            [
-                f"group id out of range for RandomIntercept {self.name} with "
-                f"num_groups={self.num_groups}; ids must lie in [0, {self.num_groups}). "
-                "Smallest and largest id received:",
-                smallest,
-                largest,
-            ],
-        )
-        # The gathers wait for the check, so a bad id is reported as such (and a GPU never
-        # gathers with it).
-        with tf.control_dependencies([check]):
-            return tf.identity(ids)
+    def _unbuilt_input_shape(self):
+        return (None,)
 
     def group_scale(self):
         """sigma: the point estimate, or the posterior mean of q(sigma). Shape `(units,)`."""
@@ -649,6 +672,575 @@ class RandomIntercept(keras.layers.Layer):
             ),
             initial_group_scale=self.initial_group_scale,
             initial_posterior_scale=self.initial_posterior_scale,
+            seed=self.seed,
+        )
+        return config
+
+
+_CORRELATION_LIMIT = 1.0 - 1e-6
+"""`set_covariance` clips correlations to this magnitude (R must stay positive definite)."""
+
+
+def _scale_tril(packed):
+    """Lower-triangular scales from their packed, unconstrained form.
+
+    `packed` holds the lower triangle in `tfp.math.fill_triangular` order (last axis of size
+    d (d + 1) / 2); the diagonal goes through `positive`, the rest is used as it is.
+    """
+    raw = tfp.math.fill_triangular(packed)
+    return tf.linalg.set_diag(raw, positive(tf.linalg.diag_part(raw)))
+
+
+def _pack_scale_tril(scale_tril) -> np.ndarray:
+    """The inverse of `_scale_tril` for numpy lower-triangular matrices (diagonal > 0)."""
+    raw = np.array(scale_tril, dtype="float64")
+    diagonal = np.arange(raw.shape[-1])
+    raw[..., diagonal, diagonal] = inverse_softplus(raw[..., diagonal, diagonal])
+    return tfp.math.fill_triangular_inverse(raw).numpy()
+
+
+def _psd_cholesky(matrices, name: str) -> np.ndarray:
+    """Lower Cholesky factors of (a stack of) positive semi-definite matrices.
+
+    A singular matrix gets the smallest jitter on its diagonal (relative to its mean
+    variance) that makes it positive definite.
+    """
+    values = np.asarray(matrices, dtype="float64")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"`{name}` must be finite. Received a matrix with NaN or inf entries")
+    values = 0.5 * (values + np.swapaxes(values, -1, -2))
+    size = values.shape[-1]
+    mean_variance = np.trace(values, axis1=-2, axis2=-1)[..., None, None] / size
+    unit = np.maximum(mean_variance, SCALE_FLOOR**2) * np.eye(size)
+    for jitter in (0.0, 1e-12, 1e-10, 1e-8, 1e-6):
+        try:
+            return np.linalg.cholesky(values + jitter * unit)
+        except np.linalg.LinAlgError:
+            continue
+    raise ValueError(
+        f"`{name}` must be positive semi-definite; a matrix is not, even with a jitter of 1e-6 "
+        "times its mean variance on the diagonal"
+    )
+
+
+@keras.saving.register_keras_serializable(package="reffects")
+class RandomEffects(_GroupLayer):
+    """Per-group coefficient vectors: a random intercept and random slopes, correlated.
+
+        t_i = (1, z_i), or z_i with intercept=False      (num_terms = intercept + num_slopes)
+        output_i = t_i . b[g_i]
+        b[g] ~ MVN(0, Sigma),   Sigma = diag(sigma) R diag(sigma)
+        q(b[g]) = MVN(loc[g], S[g] S[g]')                 (S[g] lower triangular)
+        sigma: a point estimate (`scale_prior=None`) or sigma_j ~ scale_prior with
+               q(sigma_j) = LogNormal; R: a point estimate (the identity if not correlated)
+
+    q has a full covariance within each group (the terms of one group are correlated in the
+    posterior) and independent groups. R is parameterised by an unconstrained vector of
+    num_terms (num_terms - 1) / 2 values through `tfp.bijectors.CorrelationCholesky`.
+
+    KL scaling: as for `RandomIntercept`, a training row of group g is charged KL_g / n_g,
+    where n_g is the group's count in the training data, set by `adapt` (call it on the
+    training ids before fitting). The part of KL_g the same for every group
+    (log det(Sigma) / 2 - num_terms / 2, its expectation under a hyperprior) is added
+    exactly, once per group with training rows, so the batch estimate is unbiased and a
+    training step reads only the batch's groups. KL_g is closed form:
+
+        KL_g = [m' P m + tr(P S S')] / 2 - log det S + E[log det Sigma] / 2 - num_terms / 2
+
+    with P = Sigma^-1, or E[Sigma^-1] under q(sigma) with a hyperprior (then
+    E[1 / (sigma_j sigma_k)] is analytic, and KL(q(sigma) || p(sigma)) is added). Not
+    training, the layer adds the full KL over the groups with training rows.
+
+    In training each row draws its own b[g] = loc[g] + S[g] e. Not training the output is the
+    posterior mean t_i . loc[g_i], and 0 for a group with no training rows (a new group,
+    whose posterior is the prior MVN(0, Sigma)).
+
+    Ids outside `[0, num_groups)` (or not whole) are an error that names the layer, as for
+    `RandomIntercept`.
+
+    Args:
+        num_groups: number of levels; ids must lie in `[0, num_groups)`.
+        num_slopes: number of columns of z, each with a slope that varies by group.
+        intercept: whether the terms start with a random intercept (a column of ones).
+        correlated: whether R is estimated; with False, R = I (independent terms).
+        scale_prior: None, "exponential", "half_normal" or a `ScalePrior` instance: a
+            hyperprior on each sigma_j.
+        initial_group_scale: starting value of every sigma_j (its posterior median with a
+            hyperprior).
+        initial_posterior_scale: initial posterior standard deviation of each coefficient
+            (off-diagonal entries of S start at 0).
+        term_names: names of the terms for `posterior_summary`; default "(Intercept)",
+            "slope_0", "slope_1", ...
+        seed: seed of the noise drawn in training.
+
+    Input shape:
+        A list `[group_ids, z]`: integer group ids `(batch_size,)` or `(batch_size, 1)`, and
+        float z `(batch_size, num_slopes)`.
+
+    Output shape:
+        `(batch_size, 1)`.
+
+    Example:
+        >>> layer = RandomEffects(num_groups=3, num_slopes=1)
+        >>> layer.adapt(np.array([0, 0, 1, 2]))
+        >>> layer.set_posterior(
+        ...     np.array([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]), np.tile(0.1 * np.eye(2), (3, 1, 1))
+        ... )
+        >>> ids, z = np.array([0, 2]), np.array([[0.5], [2.0]], dtype="float32")
+        >>> layer([ids, z]).numpy().round(3).tolist()
+        [[2.0], [0.0]]
+        >>> layer.set_covariance(np.array([[1.0, 0.3], [0.3, 0.25]]))
+        >>> sigma, r = layer.group_scale().numpy(), layer.correlation().numpy()
+        >>> sigma.round(3).tolist(), round(float(r[1, 0]), 3)
+        ([1.0, 0.5], 0.6)
+        >>> layer.posterior_summary().columns.tolist()
+        ['group', 'term', 'mean', 'sd', 'lower', 'upper', 'n']
+    """
+
+    units = 1
+    """The width of the output (always 1), as the other variational layers name it."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_slopes: int,
+        intercept: bool = True,
+        correlated: bool = True,
+        scale_prior=None,
+        initial_group_scale: float = 1.0,
+        initial_posterior_scale: float = 0.1,
+        term_names: list | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int("num_groups", num_groups)
+        if (
+            isinstance(num_slopes, bool)
+            or not isinstance(num_slopes, (int, np.integer))
+            or num_slopes < 0
+        ):
+            raise ValueError(
+                f"`num_slopes` must be a non-negative integer. Received: num_slopes={num_slopes!r}"
+            )
+        for name, value in (("intercept", intercept), ("correlated", correlated)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+        if not intercept and num_slopes == 0:
+            raise ValueError(
+                "RandomEffects needs at least one term; with intercept=False, `num_slopes` "
+                "must be positive. Received: num_slopes=0"
+            )
+        _check_positive("initial_group_scale", initial_group_scale)
+        _check_positive("initial_posterior_scale", initial_posterior_scale)
+        self.num_groups = int(num_groups)
+        self.num_slopes = int(num_slopes)
+        self.intercept = bool(intercept)
+        self.correlated = bool(correlated)
+        self.num_terms = int(intercept) + self.num_slopes
+        if term_names is not None:
+            term_names = [str(name) for name in term_names]
+            if len(term_names) != self.num_terms:
+                raise ValueError(
+                    f"`term_names` must name the {self.num_terms} terms (intercept first). "
+                    f"Received: term_names={term_names}"
+                )
+        self.term_names = term_names
+        self.scale_prior = get_scale_prior(scale_prior)
+        self.initial_group_scale = float(initial_group_scale)
+        self.initial_posterior_scale = float(initial_posterior_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @property
+    def _has_correlation(self) -> bool:
+        return self.correlated and self.num_terms > 1
+
+    def _unbuilt_input_shape(self):
+        return [(None,), (None, self.num_slopes)]
+
+    def _check_z_shape(self, shape):
+        shape = tuple(shape)
+        if len(shape) != 2 or shape[-1] not in (None, self.num_slopes):
+            raise ValueError(
+                f"RandomEffects '{self.name}' takes z of shape (batch, num_slopes) = "
+                f"(batch, {self.num_slopes}). Received z of shape {shape}"
+            )
+
+    def _split_inputs(self, inputs):
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+            raise ValueError(
+                f"RandomEffects '{self.name}' takes a list [group_ids, z] of two inputs. "
+                f"Received: {type(inputs).__name__}"
+                + (f" of length {len(inputs)}" if isinstance(inputs, (list, tuple)) else "")
+            )
+        ids, z = inputs
+        self._check_z_shape(z.shape)
+        return ids, z
+
+    def build(self, input_shape):
+        if (
+            not isinstance(input_shape, (list, tuple))
+            or len(input_shape) != 2
+            or not all(isinstance(shape, (list, tuple)) for shape in input_shape)
+        ):
+            raise ValueError(
+                f"RandomEffects '{self.name}' takes a list [group_ids, z] of two inputs. "
+                f"Received input shape {input_shape}"
+            )
+        self._check_z_shape(input_shape[1])
+        num_terms = self.num_terms
+        self.offset_loc = self.add_weight(
+            name="offset_loc", shape=(self.num_groups, num_terms), initializer="zeros"
+        )
+        initial_scale = np.full(num_terms, self.initial_posterior_scale)
+        self.offset_untransformed_scale = self.add_weight(
+            name="offset_untransformed_scale",
+            shape=(self.num_groups, num_terms * (num_terms + 1) // 2),
+            initializer=keras.initializers.Constant(_pack_scale_tril(np.diag(initial_scale))),
+        )
+        if self.scale_prior is None:
+            self.group_scale_untransformed = self.add_weight(
+                name="group_scale_untransformed",
+                shape=(num_terms,),
+                initializer=keras.initializers.Constant(inverse_softplus(self.initial_group_scale)),
+            )
+        else:
+            self.log_group_scale_loc, self.log_group_scale_untransformed_scale = (
+                add_normal_posterior(
+                    self,
+                    "log_group_scale",
+                    (num_terms,),
+                    keras.initializers.Constant(np.log(self.initial_group_scale)),
+                    0.1,
+                )
+            )
+        if self._has_correlation:
+            self.correlation_untransformed = self.add_weight(
+                name="correlation_untransformed",
+                shape=(num_terms * (num_terms - 1) // 2,),
+                initializer="zeros",  # R = I
+            )
+        self._add_group_counts()
+
+    # Prior: sigma, R, Sigma.
+
+    def group_scale(self):
+        """sigma: the point estimate, or the posterior mean of q(sigma). Shape `(num_terms,)`."""
+        if self.scale_prior is None:
+            return positive(self.group_scale_untransformed)
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.exp(self.log_group_scale_loc + 0.5 * ops.square(s))
+
+    def _correlation_cholesky(self):
+        if not self._has_correlation:
+            return ops.eye(self.num_terms)
+        return tfp.bijectors.CorrelationCholesky()(
+            ops.convert_to_tensor(self.correlation_untransformed)
+        )
+
+    def correlation(self):
+        """R, the prior correlation of the terms: `(num_terms, num_terms)`."""
+        chol = self._correlation_cholesky()
+        return ops.matmul(chol, ops.transpose(chol))
+
+    def covariance(self):
+        """Sigma = diag(sigma) R diag(sigma), with sigma from `group_scale`."""
+        chol = self._prior_scale_tril(self.group_scale())
+        return ops.matmul(chol, ops.transpose(chol))
+
+    def _prior_scale_tril(self, sigma):
+        """Cholesky factor diag(sigma) L_R of Sigma; sigma `(..., num_terms)`."""
+        return ops.expand_dims(sigma, -1) * self._correlation_cholesky()
+
+    def _expected_precision(self):
+        """P: Sigma^-1, or E[Sigma^-1] under q(sigma) = prod_j LogNormal(mu_j, s_j).
+
+        Sigma^-1 = R^-1 / (sigma sigma') elementwise, and with independent sigma_j,
+        E[1 / (sigma_j sigma_k)] = exp(-mu_j - mu_k + (s_j^2 + s_k^2) / 2) for j != k and
+        exp(-2 mu_j + 2 s_j^2) for j = k.
+        """
+        chol_inverse = tf.linalg.triangular_solve(
+            self._correlation_cholesky(), ops.eye(self.num_terms), lower=True
+        )
+        correlation_inverse = ops.matmul(ops.transpose(chol_inverse), chol_inverse)
+        if self.scale_prior is None:
+            inverse_sigma = 1.0 / positive(self.group_scale_untransformed)
+            return correlation_inverse * ops.outer(inverse_sigma, inverse_sigma)
+        mu = self.log_group_scale_loc
+        s2 = ops.square(positive(self.log_group_scale_untransformed_scale))
+        half = ops.exp(-mu + 0.5 * s2)
+        moments = tf.linalg.set_diag(ops.outer(half, half), ops.exp(-2.0 * mu + 2.0 * s2))
+        return correlation_inverse * moments
+
+    # KL.
+
+    def _shared_offset_kl(self):
+        """E[log det Sigma] / 2 - num_terms / 2 (E[log sigma_j] = mu_j under a hyperprior)."""
+        if self.scale_prior is None:
+            log_sigma = ops.log(positive(self.group_scale_untransformed))
+        else:
+            log_sigma = self.log_group_scale_loc
+        half_log_det_r = ops.sum(ops.log(tf.linalg.diag_part(self._correlation_cholesky())))
+        return ops.sum(log_sigma) + half_log_det_r - 0.5 * self.num_terms
+
+    def _group_offset_kl(self, loc, scale_tril, precision):
+        """[m' P m + tr(P S S')] / 2 - log det S, one per row of `loc` `(rows, num_terms)`."""
+        quadratic = ops.einsum("bj,jk,bk->b", loc, precision, loc)
+        trace = ops.einsum("jk,bkl,bjl->b", precision, scale_tril, scale_tril)
+        log_det = ops.sum(ops.log(tf.linalg.diag_part(scale_tril)), axis=-1)
+        return 0.5 * (quadratic + trace) - log_det
+
+    def _offset_kl(self, loc, scale_tril):
+        """KL(q(b[g]) || p(b[g])) per group (its expectation under q(sigma), if any)."""
+        precision = self._expected_precision()
+        return self._shared_offset_kl() + self._group_offset_kl(loc, scale_tril, precision)
+
+    def _batch_offset_kl(self, loc, scale_tril, counts):
+        """Unbiased estimate of sum_g KL_g over the trained groups from a batch's rows."""
+        precision = self._expected_precision()
+        row_kl = self._group_offset_kl(loc, scale_tril, precision) / ops.maximum(counts, 1.0)
+        return self.total_count * ops.mean(row_kl) + self.seen_groups * self._shared_offset_kl()
+
+    def _hyperprior_kl(self):
+        if self.scale_prior is None:
+            return 0.0
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.sum(self.scale_prior.kl_from_lognormal(self.log_group_scale_loc, s))
+
+    # Forward pass.
+
+    def _terms(self, z, ids):
+        """t: `(batch, num_terms)`, a column of ones first when `intercept`."""
+        z = ops.cast(z, self.compute_dtype)
+        if not self.intercept:
+            return z
+        ones = ops.ones_like(ops.expand_dims(ops.cast(ids, self.compute_dtype), -1))
+        return ops.concatenate([ones, z], axis=-1)
+
+    def call(self, inputs, training=False):
+        group_ids, z = self._split_inputs(inputs)
+        # Training steps check their ids too (see RandomIntercept.call for the cost).
+        ids = self._checked_ids(group_ids)
+        terms = self._terms(z, ids)
+        loc = _gather_rows(self.offset_loc, ids)
+        counts = _gather_rows(self.group_counts, ids)
+        if training:
+            scale_tril = _scale_tril(_gather_rows(self.offset_untransformed_scale, ids))
+            self.add_loss(self._batch_offset_kl(loc, scale_tril, counts) + self._hyperprior_kl())
+            noise = row_noise(ops.shape(loc), self.seed_generator)
+            coefficients = loc + ops.einsum("bjk,bk->bj", scale_tril, noise)
+            return ops.sum(terms * coefficients, axis=-1, keepdims=True)
+        all_kl = self._offset_kl(self.offset_loc, _scale_tril(self.offset_untransformed_scale))
+        seen = self.group_counts > 0
+        self.add_loss(ops.sum(ops.where(seen, all_kl, 0.0)) + self._hyperprior_kl())
+        mean = ops.sum(terms * loc, axis=-1, keepdims=True)
+        return ops.where(ops.expand_dims(counts > 0, -1), mean, 0.0)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], 1)
+
+    # Posterior.
+
+    def sample_group_scale(self, num_samples: int, seed=None):
+        """`num_samples` draws of sigma from q(sigma): `(num_samples, num_terms)`.
+
+        Without a hyperprior sigma is a point estimate and every draw equals it.
+        """
+        if self.scale_prior is None:
+            sigma = positive(self.group_scale_untransformed)
+            return ops.broadcast_to(sigma, (num_samples, self.num_terms))
+        s = positive(self.log_group_scale_untransformed_scale)
+        noise = keras.random.normal((num_samples, self.num_terms), seed=seed)
+        return ops.exp(self.log_group_scale_loc + s * noise)
+
+    def sample_posterior(self, inputs, num_samples: int, seed=None):
+        """t_i . b[g_i] under `num_samples` draws from q: `(num_samples, batch, 1)`.
+
+        Rows of one group share its b[g] within a draw. A group with no training rows draws
+        b[g] from the prior MVN(0, Sigma), with sigma drawn from q(sigma) under a hyperprior.
+        `seed` is an int, a `keras.random.SeedGenerator` or None.
+        """
+        if not isinstance(seed, keras.random.SeedGenerator):
+            seed = keras.random.SeedGenerator(seed)  # two draws below must differ
+        group_ids, z = self._split_inputs(inputs)
+        ids = self._checked_ids(group_ids)
+        terms = self._terms(z, ids)
+        groups, row_group = tf.unique(ids)
+        seen = ops.take(self.group_counts, groups, axis=0) > 0
+        loc = ops.where(ops.expand_dims(seen, -1), ops.take(self.offset_loc, groups, axis=0), 0.0)
+        posterior_tril = _scale_tril(ops.take(self.offset_untransformed_scale, groups, axis=0))
+        prior_tril = self._prior_scale_tril(self.sample_group_scale(num_samples, seed))
+        scale_tril = ops.where(
+            ops.reshape(seen, (1, -1, 1, 1)),
+            ops.expand_dims(posterior_tril, 0),
+            ops.expand_dims(prior_tril, 1),
+        )  # (num_samples, groups, num_terms, num_terms)
+        noise = keras.random.normal(ops.shape(scale_tril)[:-1], seed=seed)
+        coefficients = loc + ops.einsum("sgjk,sgk->sgj", scale_tril, noise)
+        rows = ops.take(coefficients, row_group, axis=1)
+        return ops.sum(rows * terms, axis=-1, keepdims=True)
+
+    def posterior(self):
+        """q as TFP distributions: `offset`, `group_scale` and `correlation`.
+
+        `offset` is a `tfd.MultivariateNormalTriL` of batch shape `(num_groups,)` and event
+        shape `(num_terms,)`; groups with no training rows get the prior MVN(0, Sigma).
+        `group_scale` is `tfd.Deterministic(sigma)`, or q(sigma) = `tfd.LogNormal` under a
+        hyperprior; `correlation` is `tfd.Deterministic(R)`.
+        """
+        seen = self.group_counts > 0
+        loc = ops.where(ops.expand_dims(seen, -1), self.offset_loc, 0.0)
+        scale_tril = ops.where(
+            ops.reshape(seen, (-1, 1, 1)),
+            _scale_tril(self.offset_untransformed_scale),
+            self._prior_scale_tril(self.group_scale()),
+        )
+        if self.scale_prior is None:
+            group_scale = tfd.Deterministic(self.group_scale())
+        else:
+            group_scale = tfd.LogNormal(
+                self.log_group_scale_loc, positive(self.log_group_scale_untransformed_scale)
+            )
+        return {
+            "offset": tfd.MultivariateNormalTriL(loc, scale_tril),
+            "group_scale": group_scale,
+            "correlation": tfd.Deterministic(self.correlation()),
+        }
+
+    def set_posterior(self, mean, covariance):
+        """Sets q(b[g]) = MVN(mean[g], covariance[g]).
+
+        Args:
+            mean: `(num_groups, num_terms)`.
+            covariance: `(num_groups, num_terms, num_terms)`, positive semi-definite (a
+                singular matrix gets a tiny jitter; posterior sds floor at `SCALE_FLOOR`).
+        """
+        shape = (self.num_groups, self.num_terms)
+        scale_tril = _psd_cholesky(np.reshape(covariance, (*shape, self.num_terms)), "covariance")
+        self.offset_loc.assign(np.reshape(mean, shape).astype("float32"))
+        self.offset_untransformed_scale.assign(_pack_scale_tril(scale_tril).astype("float32"))
+
+    def set_covariance(self, covariance):
+        """Sets the point estimates of sigma and R from Sigma `(num_terms, num_terms)`.
+
+        Needs `scale_prior=None`. With `correlated=False` only the diagonal is used. A zero
+        variance is accepted (sigma floors at `SCALE_FLOOR`); correlations are clipped into
+        (-1, 1), and an R that is not positive definite is shrunk toward the identity until it
+        is.
+        """
+        if self.scale_prior is not None:
+            raise ValueError(
+                f"RandomEffects '{self.name}' has a hyperprior on sigma; its q(sigma) is "
+                "trained, not set (`set_group_scale_posterior`, `set_correlation`)"
+            )
+        covariance = np.asarray(covariance, dtype="float64")
+        size = self.num_terms
+        if covariance.shape != (size, size) or not np.all(np.isfinite(covariance)):
+            raise ValueError(
+                f"`covariance` must be a finite ({size}, {size}) matrix. Received an array of "
+                f"shape {covariance.shape}"
+            )
+        covariance = 0.5 * (covariance + covariance.T)
+        variances = np.diag(covariance)
+        if np.any(variances < -1e-8 * max(np.abs(variances).max(), 1.0)):
+            raise ValueError(
+                f"`covariance` must have non-negative variances. Received: {variances.tolist()}"
+            )
+        sigma = np.sqrt(np.clip(variances, 0.0, None))
+        sigma = np.maximum(sigma, max(1e-8 * sigma.max(), np.finfo("float64").tiny))
+        self.group_scale_untransformed.assign(inverse_softplus(sigma).astype("float32"))
+        if self._has_correlation:
+            self.set_correlation(covariance / np.outer(sigma, sigma))
+
+    def set_correlation(self, correlation):
+        """Sets the point estimate of R `(num_terms, num_terms)`; needs `correlated=True`.
+
+        Correlations are clipped into (-1, 1), and an R that is not positive definite is
+        shrunk toward the identity until it is.
+        """
+        size = self.num_terms
+        if not self.correlated:
+            raise ValueError(
+                f"RandomEffects '{self.name}' has correlated=False: its R is the identity"
+            )
+        correlation = np.asarray(correlation, dtype="float64")
+        if correlation.shape != (size, size) or not np.all(np.isfinite(correlation)):
+            raise ValueError(
+                f"`correlation` must be a finite ({size}, {size}) matrix. Received an array "
+                f"of shape {correlation.shape}"
+            )
+        if size == 1:
+            return
+        correlation = np.clip(0.5 * (correlation + correlation.T), -1.0, 1.0)
+        correlation = np.clip(correlation, -_CORRELATION_LIMIT, _CORRELATION_LIMIT)
+        np.fill_diagonal(correlation, 1.0)
+        for shrink in (0.0, 1e-6, 1e-4, 1e-2, 1e-1, 1.0):
+            try:
+                chol = np.linalg.cholesky((1 - shrink) * correlation + shrink * np.eye(size))
+                break
+            except np.linalg.LinAlgError:
+                continue
+        chol /= np.linalg.norm(chol, axis=-1, keepdims=True)  # unit rows: exactly a correlation
+        raw = tfp.bijectors.CorrelationCholesky().inverse(tf.constant(chol))
+        self.correlation_untransformed.assign(raw.numpy().astype("float32"))
+
+    def set_group_scale_posterior(self, loc, scale):
+        """Sets q(sigma) = LogNormal(loc, scale) (arrays of shape `(num_terms,)`); needs a
+        `scale_prior`."""
+        if self.scale_prior is None:
+            raise ValueError(
+                f"RandomEffects '{self.name}' has no hyperprior; its sigma is a point "
+                "estimate (`set_covariance`)"
+            )
+        shape = (self.num_terms,)
+        self.log_group_scale_loc.assign(np.reshape(loc, shape).astype("float32"))
+        self.log_group_scale_untransformed_scale.assign(
+            np.reshape(inverse_softplus(scale), shape).astype("float32")
+        )
+
+    def _term_labels(self) -> list:
+        if self.term_names is not None:
+            return list(self.term_names)
+        slopes = [f"slope_{j}" for j in range(self.num_slopes)]
+        return ["(Intercept)", *slopes] if self.intercept else slopes
+
+    def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
+        """One row per (group, term): mean, sd, central `level` interval, training count `n`.
+
+        Groups with no training rows show the prior (mean 0, sd sigma_j).
+        """
+        offset = self.posterior()["offset"]
+        mean = ops.convert_to_numpy(offset.loc)
+        scale_tril = ops.convert_to_numpy(offset.scale.to_dense())
+        sd = np.sqrt(np.sum(np.square(scale_tril.astype("float64")), axis=-1))
+        stats = normal_summary(mean, sd, level)
+        counts = ops.convert_to_numpy(self.group_counts).astype("int64")
+        frame = pd.DataFrame(
+            {
+                "group": np.repeat(np.arange(self.num_groups), self.num_terms),
+                "term": np.tile(self._term_labels(), self.num_groups),
+                **{key: value.reshape(-1) for key, value in stats.items()},
+            }
+        )
+        frame["n"] = np.repeat(counts, self.num_terms)
+        return frame
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_groups=self.num_groups,
+            num_slopes=self.num_slopes,
+            intercept=self.intercept,
+            correlated=self.correlated,
+            scale_prior=(
+                None
+                if self.scale_prior is None
+                else keras.saving.serialize_keras_object(self.scale_prior)
+            ),
+            initial_group_scale=self.initial_group_scale,
+            initial_posterior_scale=self.initial_posterior_scale,
+            term_names=self.term_names,
             seed=self.seed,
         )
         return config

@@ -1,6 +1,8 @@
 """The one function that builds a mixed-model Keras network from the layers.
 
-    eta = alpha + sum_k b_k[g_k] + x . beta + f(x)
+    eta = alpha + sum_k t_k . b_k[g_k] + x . beta + f(x)
+
+(t_k = [1] for a random intercept, [1, z] with random slopes on features z.)
 
 The estimators reach Keras only through `build_mixed_model`, so the layers stay usable on
 their own.
@@ -12,16 +14,17 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
+from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
 from reffects.training import ELBOModel
 
 
 @keras.saving.register_keras_serializable(package="reffects")
 class SelectFeatures(keras.layers.Layer):
-    """Keeps the listed columns of a feature matrix, in the order listed.
+    """Keeps the listed columns of a feature matrix, in the order listed, plus a shift.
 
     Args:
         indices: positions of the columns to keep.
+        shift: added to the kept columns (one value per index), or None.
 
     Input shape:
         `(batch, d)`.
@@ -34,9 +37,15 @@ class SelectFeatures(keras.layers.Layer):
         [[3.0, 1.0]]
     """
 
-    def __init__(self, indices, **kwargs):
+    def __init__(self, indices, shift=None, **kwargs):
         super().__init__(**kwargs)
         self.indices = [int(i) for i in indices]
+        self.shift = None if shift is None else [float(v) for v in shift]
+        if self.shift is not None and len(self.shift) != len(self.indices):
+            raise ValueError(
+                f"`shift` needs one value per index ({len(self.indices)}). "
+                f"Received: shift={self.shift}"
+            )
 
     def build(self, input_shape):
         width = input_shape[-1]
@@ -47,13 +56,16 @@ class SelectFeatures(keras.layers.Layer):
             )
 
     def call(self, inputs):
-        return keras.ops.take(inputs, self.indices, axis=-1)
+        kept = keras.ops.take(inputs, self.indices, axis=-1)
+        if self.shift is None:
+            return kept
+        return kept + keras.ops.convert_to_tensor(self.shift, dtype=kept.dtype)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], len(self.indices))
 
     def get_config(self):
-        return {**super().get_config(), "indices": self.indices}
+        return {**super().get_config(), "indices": self.indices, "shift": self.shift}
 
 
 def build_mixed_model(
@@ -70,13 +82,21 @@ def build_mixed_model(
     initial_group_scale: float = 1.0,
     num_examples: int | None = None,
     seed: int | None = None,
+    random_slopes: list | None = None,
+    correlated_slopes: bool = True,
+    slope_shifts: list | None = None,
 ) -> ELBOModel:
-    """An `ELBOModel` with a global intercept, one `RandomIntercept` per grouping factor,
-    linear fixed effects and an optional dense subnetwork.
+    """An `ELBOModel` with a global intercept, one `RandomIntercept` (or `RandomEffects`)
+    per grouping factor, linear fixed effects and an optional dense subnetwork.
 
     Inputs, in order: `features` (float, `(batch, num_features)`, only when
     `num_features > 0`), then one integer input `group_k` per grouping factor k, with
-    `num_groups[k]` levels, feeding the layer `random_intercept_k`. `FixedEffects` sees
+    `num_groups[k]` levels, feeding the layer `random_intercept_k`. With `random_slopes`
+    (one entry per factor: None, or the positions of the features whose slopes vary by
+    that factor's groups), a factor with slopes gets a `RandomEffects` layer
+    `random_effects_k` on its ids and those features (a `SelectFeatures` named `slopes_k`,
+    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes`.
+    `FixedEffects` sees
     every feature. The subnetwork, ReLU layers of `hidden_units` and then
     `subnetwork_output` (no bias: the global intercept is the only intercept), sees all of
     them, or with `subnetwork_features` only the features at those positions (a
@@ -130,7 +150,21 @@ def build_mixed_model(
             name="global_intercept",
         )(inputs[0])
     ]
+    random_slopes = random_slopes or [None] * len(num_groups)
+    slope_shifts = slope_shifts or [None] * len(num_groups)
     for k, count in enumerate(num_groups):
+        if random_slopes[k]:
+            slopes = SelectFeatures(random_slopes[k], shift=slope_shifts[k], name=f"slopes_{k}")
+            layer = RandomEffects(
+                count,
+                len(random_slopes[k]),
+                correlated=correlated_slopes,
+                initial_group_scale=initial_group_scale,
+                seed=next_seed(),
+                name=f"random_effects_{k}",
+            )
+            terms.append(layer([group_inputs[k], slopes(features)]))
+            continue
         layer = RandomIntercept(
             count,
             scale_prior=scale_prior,
@@ -184,12 +218,15 @@ class MixedModelLayers:
     Attributes:
         intercept: the `GlobalIntercept`.
         fixed_effects: the `FixedEffects`, or None without features.
-        factors: one `RandomIntercept` per grouping factor, in `num_groups`'s order.
+        factors: one `RandomIntercept` or `RandomEffects` per grouping factor, in
+            `num_groups`'s order.
+        slopes: per factor, the `SelectFeatures` giving its slope covariates, or None.
     """
 
     intercept: GlobalIntercept
     fixed_effects: FixedEffects | None
     factors: list
+    slopes: list
 
 
 def mixed_model_layers(model) -> MixedModelLayers:
@@ -202,13 +239,17 @@ def mixed_model_layers(model) -> MixedModelLayers:
         [3, 4]
     """
     network = model.network
-    factors, k = [], 0
-    while any(layer.name == f"random_intercept_{k}" for layer in network.layers):
-        factors.append(network.get_layer(f"random_intercept_{k}"))
-        k += 1
     names = {layer.name for layer in network.layers}
+    factors, slopes, k = [], [], 0
+    while {f"random_intercept_{k}", f"random_effects_{k}"} & names:
+        name = f"random_intercept_{k}"
+        name = name if name in names else f"random_effects_{k}"
+        factors.append(network.get_layer(name))
+        slopes.append(network.get_layer(f"slopes_{k}") if f"slopes_{k}" in names else None)
+        k += 1
     return MixedModelLayers(
         intercept=network.get_layer("global_intercept"),
         fixed_effects=network.get_layer("fixed_effects") if "fixed_effects" in names else None,
         factors=factors,
+        slopes=slopes,
     )

@@ -27,10 +27,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
+from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
 from reffects.likelihoods import get_likelihood
 
-VARIATIONAL_LAYERS = (GlobalIntercept, RandomIntercept, FixedEffects)
+VARIATIONAL_LAYERS = (GlobalIntercept, RandomIntercept, RandomEffects, FixedEffects)
+GROUP_LAYERS = (RandomIntercept, RandomEffects)
 
 
 def _is_stream(x) -> bool:
@@ -241,12 +242,14 @@ class ELBOModel(keras.Model):
         return {}
 
     def _group_ids_by_layer(self, x):
-        """Pairs (RandomIntercept, its in-memory ids or None) for every such layer."""
+        """Pairs (RandomIntercept or RandomEffects, its in-memory ids or None) for every such
+        layer (a RandomEffects layer's ids are the first of its inputs)."""
         values = self._network_input_values(x)
         for layer in self._flatten_layers():
-            if isinstance(layer, RandomIntercept):
+            if isinstance(layer, GROUP_LAYERS):
                 try:
-                    source = id(layer.input)
+                    ids = layer.input
+                    source = id(ids[0] if isinstance(ids, (list, tuple)) else ids)
                 except (AttributeError, ValueError):
                     source = None
                 yield layer, values.get(source)
@@ -257,16 +260,16 @@ class ELBOModel(keras.Model):
                 layer.adapt(np.asarray(ids))
             elif not layer.is_adapted:
                 raise ValueError(
-                    f"RandomIntercept '{layer.name}' needs the training count of each group "
-                    "and its ids are not an in-memory network input; call "
+                    f"{type(layer).__name__} '{layer.name}' needs the training count of each "
+                    "group and its ids are not an in-memory network input; call "
                     "layer.adapt(training_group_ids) before fit."
                 )
             counted = np.sum(ops.convert_to_numpy(layer.group_counts), dtype="float64")
             if counted != size:
                 raise ValueError(
-                    f"RandomIntercept '{layer.name}' was adapted on {counted:.0f} rows but fit "
-                    f"trains on N={size}; adapt it on the group ids of exactly the training "
-                    "rows (the per-row KL is scaled by those counts)."
+                    f"{type(layer).__name__} '{layer.name}' was adapted on {counted:.0f} rows "
+                    f"but fit trains on N={size}; adapt it on the group ids of exactly the "
+                    "training rows (the per-row KL is scaled by those counts)."
                 )
 
     def get_config(self):
@@ -366,8 +369,9 @@ class _PosteriorDraws(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs):
-        rows = ops.shape(inputs)[0] // self.num_samples
-        draws = self.layer.sample_posterior(inputs[:rows], self.num_samples, self.seed_generator)
+        rows = ops.shape(keras.tree.flatten(inputs)[0])[0] // self.num_samples
+        first_copy = keras.tree.map_structure(lambda value: value[:rows], inputs)
+        draws = self.layer.sample_posterior(first_copy, self.num_samples, self.seed_generator)
         return ops.reshape(draws, (-1, self.layer.units))
 
     def compute_output_shape(self, input_shape):
