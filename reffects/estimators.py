@@ -535,7 +535,9 @@ class _MixedModelEstimator(BaseEstimator):
     # ----------------------------------------------------------------------- fitting
     def _fit(self, X, y, sample_weight, callbacks):
         """Validates, encodes, builds and trains the model; `y` is already 1-d."""
+        start = time.perf_counter()
         self._check_params()
+        validation = None
         if self.early_stopping:
             X, y, sample_weight, validation = self._hold_out(X, y, sample_weight)
         data = self._encode(X, reset=True)
@@ -573,7 +575,37 @@ class _MixedModelEstimator(BaseEstimator):
             slope_shifts=self._slope_shifts(),
         )
         self._initialise_offsets(data.codes, row_information)
+        # Without a subnetwork the finish solves the model in full from any start (lme4's
+        # REML, glmer's Laplace fit), so SGD runs only when asked for (`epochs` or
+        # `early_stopping`); it costs seconds of Keras start-up and changes no estimate.
+        history = {}
+        if not exact_finish or self.epochs is not None or self.early_stopping:
+            history = self._train(
+                data, model_y, weights, likelihood, batch_size, epochs, callbacks, validation
+            )
+        layers = mixed_model_layers(self.model_)
+        finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
+        options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
+        self.joint_posterior_ = finish(
+            self.model_,
+            layers.intercept,
+            list(zip(layers.factors, data.codes, self._slope_inputs(data))),
+            layers.fixed_effects,
+            data.features,
+            y=model_y,
+            # Without a subnetwork the predictor is the sum of the finished terms.
+            held=self._subnetwork_part(data) if self.hidden_units else 0.0,
+            sample_weight=weights,
+            **options,
+        )
+        self.fit_time_ = time.perf_counter() - start
+        self.history_ = history
+        self._read_posteriors()
+        return self
 
+    def _train(self, data, model_y, weights, likelihood, batch_size, epochs, callbacks, validation):
+        """SGD on the ELBO through Keras `fit`; returns its history."""
+        seed = self._seed
         stream, steps = _shuffled_batches(
             data.model_inputs(),
             model_y,
@@ -595,14 +627,13 @@ class _MixedModelEstimator(BaseEstimator):
         self.model_.compile(optimizer=LazyAdam(schedule), steps_per_execution=steps_per_execution)
         callbacks = list(callbacks or [])
         validation_data = None
-        if self.early_stopping:
+        if validation is not None:
             validation_data = self._validation_data(likelihood, *validation)
             callbacks.append(
                 keras.callbacks.EarlyStopping(
                     patience=self.n_iter_no_change, restore_best_weights=True
                 )
             )
-        start = time.perf_counter()
         probe = self._probe(data, model_y, weights) if self.hidden_units else None
         history = self.model_.fit(
             stream,
@@ -615,25 +646,7 @@ class _MixedModelEstimator(BaseEstimator):
         )
         if probe is not None:
             self._check_training_helped(*probe)
-        layers = mixed_model_layers(self.model_)
-        finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
-        options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
-        self.joint_posterior_ = finish(
-            self.model_,
-            layers.intercept,
-            list(zip(layers.factors, data.codes, self._slope_inputs(data))),
-            layers.fixed_effects,
-            data.features,
-            y=model_y,
-            # Without a subnetwork the predictor is the sum of the finished terms.
-            held=self._subnetwork_part(data) if self.hidden_units else 0.0,
-            sample_weight=weights,
-            **options,
-        )
-        self.fit_time_ = time.perf_counter() - start
-        self.history_ = history.history
-        self._read_posteriors()
-        return self
+        return history.history
 
     def _fit_checked(self, X, y, sample_weight, callbacks):
         """`_fit`, stopping SGD when its loss is not finite, and raising when it diverged.

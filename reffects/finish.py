@@ -252,25 +252,43 @@ class _FirstFactorBlocks:
     def __init__(self, gram, moment, cross):
         self.gram, self.moment, self.cross = gram, moment, cross  # (G, d, d), (G, d), C
         self.num_groups, self.d = moment.shape
+        m = cross.shape[1]
+        # narrow rests (fixed effects and few other levels) as dense (G, d, m) blocks
+        self.dense_cross = (
+            cross.toarray().reshape(self.num_groups, self.d, m)
+            if m <= _DENSE_CROSS_COLUMNS
+            else None
+        )
 
     def _blocks(self, factor):
         return np.swapaxes(factor, 0, 1) @ self.gram @ factor + np.eye(self.d)
 
-    def conditional(self, factor, blocks=None):
+    def _conditional_and_log_det(self, factor):
+        """K_g per group `(G, d, d)` and sum_g log det G_g, from G_g's Cholesky factors."""
+        blocks = self._blocks(factor)
+        cholesky = np.linalg.cholesky(blocks)
+        half = np.linalg.solve(cholesky, np.broadcast_to(factor.T, blocks.shape))
+        log_det = 2.0 * float(np.sum(np.log(np.einsum("gii->gi", cholesky))))
+        return np.swapaxes(half, 1, 2) @ half, log_det
+
+    def conditional(self, factor):
         """K_g per group, `(G, d, d)`."""
-        blocks = self._blocks(factor) if blocks is None else blocks
-        return factor @ np.linalg.solve(blocks, np.broadcast_to(factor.T, blocks.shape))
+        return self._conditional_and_log_det(factor)[0]
 
     def corrections(self, factor):
-        blocks = self._blocks(factor)
-        conditional = self.conditional(factor, blocks)
-        weighted = _block_diagonal(conditional) @ self.cross
-        return {
-            "gram": np.asarray((self.cross.T @ weighted).todense()),
-            "moment": np.asarray(weighted.T @ self.moment.reshape(-1)).reshape(-1),
-            "squares": float(np.einsum("gi,gij,gj->", self.moment, conditional, self.moment)),
-            "log_det": float(np.sum(np.linalg.slogdet(blocks)[1])),
-        }
+        conditional, log_det = self._conditional_and_log_det(factor)
+        squares = float(np.einsum("gi,gij,gj->", self.moment, conditional, self.moment))
+        if self.dense_cross is not None:
+            weighted = conditional @ self.dense_cross  # (G, d, m)
+            width = weighted.shape[2]
+            rows = self.num_groups * self.d
+            gram = self.dense_cross.reshape(rows, width).T @ weighted.reshape(rows, width)
+            moment = np.einsum("gim,gi->m", weighted, self.moment)
+        else:
+            weighted = _block_diagonal(conditional) @ self.cross
+            gram = np.asarray((self.cross.T @ weighted).todense())
+            moment = np.asarray(weighted.T @ self.moment.reshape(-1)).reshape(-1)
+        return {"gram": gram, "moment": moment, "squares": squares, "log_det": log_det}
 
     def offsets(self, factor, v):
         """u_g = G_g^-1 Lambda' (h_g - c_g v), `(G, d)`."""
