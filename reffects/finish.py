@@ -108,11 +108,6 @@ class CovarianceFactors:
         self.diagonal = np.concatenate(diagonal) if diagonal else np.zeros(0, bool)
         self.size = start
 
-    @property
-    def scalar(self) -> bool:
-        """Random intercepts only: theta is one sigma_k / s per factor."""
-        return all(d == 1 for d in self.num_terms)
-
     def matrices(self, theta) -> list:
         """Lambda_k for each factor."""
         result = []
@@ -233,10 +228,15 @@ class _FirstFactorSums:
     def _count(self):
         return np.ones(len(self.weight)) if self.count is None else self.count
 
-    def inverse_diagonal(self, t_squared):
-        """sum_g 1 / D_g over every group."""
+    def inverse_block_sum(self, factor, lam, inverse, columns):
+        """sum_g (M^-1)_gg, `(1, 1)`: D_g^-1 + t^2 D_g^-1 c_g S^-1 c_g' D_g^-1 summed, with
+        c_g the group's row of C Lambda-tilde (restricted to `columns`) and `inverse` S^-1."""
+        t_squared = float(factor[0, 0]) ** 2
+        sums = self.at(t_squared, 2)
         inactive = self.num_groups - self.num_active
-        return self._count() @ (t_squared * self.weight + 1.0) ** -1.0 + inactive
+        diagonal = self._count() @ (t_squared * self.weight + 1.0) ** -1.0 + inactive
+        second = _lambda_products(lam)[2](sums["gram"])[columns, columns]
+        return np.array([[diagonal + t_squared * np.sum(inverse * second)]])
 
 
 class _FirstFactorBlocks:
@@ -260,23 +260,22 @@ class _FirstFactorBlocks:
             else None
         )
 
-    def _blocks(self, factor):
-        return np.swapaxes(factor, 0, 1) @ self.gram @ factor + np.eye(self.d)
-
-    def _conditional_and_log_det(self, factor):
-        """K_g per group `(G, d, d)` and sum_g log det G_g, from G_g's Cholesky factors."""
-        blocks = self._blocks(factor)
-        cholesky = np.linalg.cholesky(blocks)
-        half = np.linalg.solve(cholesky, np.broadcast_to(factor.T, blocks.shape))
-        log_det = 2.0 * float(np.sum(np.log(np.einsum("gii->gi", cholesky))))
-        return np.swapaxes(half, 1, 2) @ half, log_det
+    def _at(self, factor):
+        """G_g^-1 per group `(G, d, d)` and sum_g log det G_g at Lambda = `factor`, kept for
+        the next call (a criterion evaluation asks for them three times)."""
+        key = factor.tobytes()
+        if getattr(self, "_cached", (None,))[0] != key:
+            blocks = np.swapaxes(factor, 0, 1) @ self.gram @ factor + np.eye(self.d)
+            log_det = float(np.sum(np.linalg.slogdet(blocks)[1]))
+            self._cached = (key, np.linalg.inv(blocks), log_det)
+        return self._cached[1:]
 
     def conditional(self, factor):
-        """K_g per group, `(G, d, d)`."""
-        return self._conditional_and_log_det(factor)[0]
+        """K_g = Lambda G_g^-1 Lambda' per group, `(G, d, d)`."""
+        return factor @ self._at(factor)[0] @ factor.T
 
     def corrections(self, factor):
-        conditional, log_det = self._conditional_and_log_det(factor)
+        conditional, log_det = self.conditional(factor), self._at(factor)[1]
         squares = float(np.einsum("gi,gij,gj->", self.moment, conditional, self.moment))
         if self.dense_cross is not None:
             weighted = conditional @ self.dense_cross  # (G, d, m)
@@ -290,10 +289,20 @@ class _FirstFactorBlocks:
             moment = np.asarray(weighted.T @ self.moment.reshape(-1)).reshape(-1)
         return {"gram": gram, "moment": moment, "squares": squares, "log_det": log_det}
 
+    def inverse_block_sum(self, factor, lam, inverse, columns):
+        """sum_g (M^-1)_gg, `(d, d)`: G_g^-1 + P_g S^-1 P_g' summed, with
+        P_g = G_g^-1 Lambda' c_g Lambda-tilde (restricted to `columns`) and `inverse` S^-1."""
+        blocks_inverse = self._at(factor)[0]
+        scaled = self.dense_cross @ (lam.toarray() if sparse.issparse(lam) else np.diag(lam))
+        coupled = (blocks_inverse @ factor.T @ scaled)[:, :, columns]  # P_g, (G, d, m')
+        rows = self.num_groups * self.d
+        product = (coupled.reshape(rows, -1) @ inverse).reshape(coupled.shape)
+        return blocks_inverse.sum(axis=0) + np.einsum("gim,gjm->ij", product, coupled)
+
     def offsets(self, factor, v):
         """u_g = G_g^-1 Lambda' (h_g - c_g v), `(G, d)`."""
         residual = self.moment - (self.cross @ v).reshape(self.num_groups, self.d)
-        return np.linalg.solve(self._blocks(factor), (residual @ factor)[..., None])[..., 0]
+        return (self._at(factor)[0] @ (residual @ factor)[..., None])[..., 0]
 
 
 def _block_diagonal(blocks):
@@ -400,6 +409,7 @@ class LinearMixedSystem:
         weighted_rest = sparse.diags(weights) @ rest
         self.rest_gram = (rest.T @ weighted_rest).toarray()
         self.rest_moment = np.asarray(weighted_rest.T @ response).reshape(-1)
+        self._first = None
         if self.first is not None:
             levels, d = self.num_levels[self.first], self.num_terms[self.first]
             indicator = _term_indicator(codes[self.first], levels, self.terms[self.first])
@@ -493,24 +503,27 @@ class LinearMixedSystem:
         return self._first.offsets(pls["factors"][self.first], v)
 
     def criterion(self, theta, noise_variance, reml=True):
-        """The profiled REML (or ML) criterion at theta, its gradient (None unless every
-        factor is a random intercept), and the profiled s^2.
+        """The profiled REML (or ML) criterion at theta, its gradient in theta (None where
+        it is not available: a factor with slopes eliminated over a wide rest), and the
+        profiled s^2.
 
         beta's prior enters M as the ridge `noise_variance` P0 (lme4's criterion on a
         ridge-penalised system); `fit` iterates until `noise_variance` is the profiled s^2,
-        where the ridge is the prior's. With random intercepts,
-        Lambda-tilde = diag(Lambda, I), M = Lambda-tilde' G Lambda-tilde + J, so
+        where the ridge is the prior's. With Lambda-tilde = diag(Lambda, I) and
+        M = Lambda-tilde' G Lambda-tilde + J, for the entry (r, c) of factor k's Lambda_k
 
-            d log det M / d theta_k = (2 / theta_k) (q_k - tr_k(M^-1)),
-            d r / d theta_k         = -2 |u_k|^2 / theta_k
+            d log det M / d theta = 2 [(q_k I - B_k) Lambda_k^-1]_(c, r),
+            d r / d theta         = -2 [Lambda_k^-T U_k]_(r, c)
 
-        (q_k levels, tr_k the trace over factor k's block; ML reads both off the u block
-        alone), which gives the gradient at the profiled s^2.
+        where q_k is its number of levels, B_k the sum of its groups' diagonal blocks of
+        M^-1 (of the u block's inverse for ML) and U_k = sum_g u_g u_g' (the first from
+        tr(M^-1 dM) with Lambda-tilde' G Lambda-tilde = M - J, the second from the
+        envelope theorem and the normal equations Lambda' Z'W(y - X beta - Z b) = u); for a
+        random intercept they read 2 (q_k - tr_k M^-1) / theta_k and -2 |u_k|^2 / theta_k.
         """
-        scalar = self.covariance_factors.scalar
         pls = self.solve(theta, noise_variance)
         if pls is None:
-            return np.inf, (np.zeros(len(theta)) if scalar else None), noise_variance
+            return np.inf, np.zeros(len(theta)), noise_variance
         if reml:
             dof = self.total_weight - np.count_nonzero(~self.empty_columns)
             # an empty column's block of M is its prior's alone: s^2 P0_jj
@@ -522,46 +535,51 @@ class LinearMixedSystem:
         dof = max(dof, 1.0)
         variance = max(pls["residual"] / dof, 1e-300)
         value = dof * np.log(variance) + log_det
-        if not scalar:
+        sums = self._block_sums(pls, reml)
+        if sums is None:
             return value, None, variance
-        theta = np.asarray(theta, "float64")
-        inverse_trace, squares = self._block_traces(theta, pls, reml)
-        levels = np.asarray(self.num_levels, "float64")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gradient = 2.0 * (levels - inverse_trace - squares / variance) / theta
-        gradient = np.where(theta > 0, gradient, 0.0)  # even in theta_k: flat at 0
+        gradient = np.zeros(len(theta))
+        layout = self.covariance_factors
+        for k, (inverse_blocks, squares) in enumerate(zip(*sums)):
+            lower = pls["factors"][k]
+            rows, columns = layout.entries[k]
+            if np.any(np.diag(lower) <= 0):
+                continue  # even in each diagonal entry: flat at 0
+            inverse_lower = linalg.solve_triangular(lower, np.eye(len(lower)), lower=True)
+            levels = self.num_levels[k]
+            log_det_part = 2.0 * (levels * np.eye(len(lower)) - inverse_blocks) @ inverse_lower
+            residual_part = -2.0 * inverse_lower.T @ squares / variance
+            gradient[layout.slices[k]] = log_det_part[columns, rows] + residual_part[rows, columns]
         return value, gradient, variance
 
-    def _block_traces(self, theta, pls, reml):
-        """Per factor k (random intercepts): tr_k of the inverse (of M for REML, of its u
-        block for ML) and |u_k|^2."""
+    def _block_sums(self, pls, reml):
+        """Per factor k, B_k (the sum of its groups' d x d diagonal blocks of M^-1, or of the
+        u block's inverse for ML) and U_k = sum_g u_g u_g'; None when the first factor has
+        slopes and a rest too wide to hold its coupling dense."""
+        first = self._first
+        if isinstance(first, _FirstFactorBlocks) and first.dense_cross is None:
+            return None
         num_rest = self.num_rest_levels
         factor = pls["factor"] if reml else pls["factor"][:num_rest, :num_rest]
         inverse_factor = linalg.solve_triangular(factor, np.eye(len(factor)), lower=True)
         inverse = inverse_factor.T @ inverse_factor  # the Schur complement's inverse
-        diagonal = np.diag(inverse)
-        traces = np.zeros(len(self.num_levels))
-        squares = np.zeros(len(self.num_levels))
+        inverse_blocks = [None] * len(self.num_levels)
+        squares = [None] * len(self.num_levels)
         for k, columns in self.rest_layout.items():
-            traces[k] = diagonal[columns].sum()
-            squares[k] = np.sum(np.square(pls["rest"][columns]))
+            d, levels = self.num_terms[k], self.num_levels[k]
+            block = inverse[columns, columns].reshape(levels, d, levels, d)
+            inverse_blocks[k] = np.einsum("gigj->ij", block)
+            u = pls["rest"][columns].reshape(levels, d)
+            squares[k] = u.T @ u
         if self.first is not None:
-            t1 = theta[self.first]
-            sums = self._first.at(t1**2, 2)
-            # (M^-1) over the first factor: D1^-1 + t1^2 D1^-1 C S^-1 C' D1^-1, where
-            # C = cross diag(scale) (restricted to the u columns for ML).
+            lower = pls["factors"][self.first]
             columns = slice(None) if reml else slice(0, num_rest)
-            scale = pls["lam"][columns]
-            second = scale[:, None] * sums["gram"][columns, columns] * scale
-            traces[self.first] = self._first.inverse_diagonal(t1**2) + t1**2 * np.sum(
-                inverse * second
+            inverse_blocks[self.first] = first.inverse_block_sum(
+                lower, pls["lam"], inverse, columns
             )
-            # |u_first|^2 = t1^2 sum_g (h1_g - c_g v)^2 / D1_g^2
-            v = pls["lam"] * pls["rest"]
-            squares[self.first] = t1**2 * (
-                sums["squares"] - 2.0 * v @ sums["moment"] + v @ sums["gram"] @ v
-            )
-        return traces, squares
+            u = self.first_solution(pls)
+            squares[self.first] = u.T @ u
+        return inverse_blocks, squares
 
     @_one_blas_thread
     def fit(self, theta, noise_scale, free=None, reml=True):
@@ -582,7 +600,8 @@ class LinearMixedSystem:
         theta = np.asarray(theta, "float64").copy()
         free = np.ones(len(self.num_levels), bool) if free is None else np.asarray(free, bool)
         mask = layout.entries_of(free)
-        scalar = layout.scalar
+        first = self._first
+        analytic = not (isinstance(first, _FirstFactorBlocks) and first.dense_cross is None)
         variance = float(noise_scale) ** 2
         for _ in range(20):
             if mask.any():
@@ -591,18 +610,22 @@ class LinearMixedSystem:
                     trial = theta.copy()
                     trial[mask] = layout.from_search(values, mask)
                     value, gradient, _ = self.criterion(trial, variance, reml)
-                    if not scalar:
+                    if not analytic:
                         return value
-                    return value, gradient[mask] / (2.0 * trial[mask])
+                    gradient = gradient[mask].copy()
+                    diagonal = layout.diagonal[mask]  # searched as their squares
+                    gradient[diagonal] /= 2.0 * trial[mask][diagonal]
+                    return value, gradient
 
-                # In theta^2 the criterion has a non-zero slope at the boundary (in theta it
-                # is even, so theta = 0 is always stationary, a maximum as often as not).
-                # Random slopes: finite differences (lme4 itself searches derivative-free).
+                # Diagonal entries in theta^2: there the criterion has a non-zero slope at
+                # the boundary (in theta it is even, so theta = 0 is always stationary, a
+                # maximum as often as not). Without an analytic gradient (slopes eliminated
+                # over a wide rest), finite differences.
                 result = optimize.minimize(
                     objective,
                     layout.to_search(theta, mask),
                     method="L-BFGS-B",
-                    jac=True if scalar else "3-point",
+                    jac=True if analytic else "3-point",
                     bounds=layout.bounds(mask),
                     options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500},
                 )
