@@ -83,8 +83,12 @@ class CovarianceFactors:
     Lambda_k lower triangular `(d_k, d_k)` (d_k = 1 for a random intercept: theta_k is
     sigma_k / s). theta lists the entries factor by factor, each lower triangle column by
     column, as lme4 does; a factor whose terms are independent (lme4's `||`) has a
-    diagonal Lambda_k. The optimizers search the diagonal entries squared (the criterion
-    is even in each, so 0 would always be stationary) and the others as they are.
+    diagonal Lambda_k. Sigma_k is unchanged when a column of Lambda_k changes sign, so the
+    criterion is even in a diagonal entry that is alone in its column (a random intercept,
+    the last column, independent terms): 0 is always stationary there, and the optimizers
+    search those entries squared. The others are searched as they are, the diagonal ones
+    bounded below as lme4 bounds them (squaring one whose column holds other entries would
+    make the criterion's slope infinite at 0 and stall the search there).
 
     Example:
         >>> factors = CovarianceFactors([2, 1])
@@ -95,7 +99,7 @@ class CovarianceFactors:
     def __init__(self, num_terms, correlated=None):
         self.num_terms = [int(d) for d in num_terms]
         correlated = [True] * len(self.num_terms) if correlated is None else list(correlated)
-        self.entries, self.slices, diagonal, start = [], [], [], 0
+        self.entries, self.slices, diagonal, alone, start = [], [], [], [], 0
         for d, joint in zip(self.num_terms, correlated):
             if joint:
                 columns, rows = np.triu_indices(d)  # the lower triangle, column-major
@@ -104,8 +108,11 @@ class CovarianceFactors:
             self.entries.append((rows, columns))
             self.slices.append(slice(start, start + len(rows)))
             diagonal.append(rows == columns)
+            alone.append((rows == columns) & (np.bincount(columns, minlength=d)[columns] == 1))
             start += len(rows)
-        self.diagonal = np.concatenate(diagonal) if diagonal else np.zeros(0, bool)
+        empty = np.zeros(0, bool)
+        self.diagonal = np.concatenate(diagonal) if diagonal else empty
+        self.squared = np.concatenate(alone) if alone else empty  # searched as their squares
         self.size = start
 
     def matrices(self, theta) -> list:
@@ -134,19 +141,25 @@ class CovarianceFactors:
     def to_search(self, theta, mask):
         values = np.asarray(theta, "float64")[mask].copy()
         diagonal = self.diagonal[mask]
-        values[diagonal] = np.maximum(values[diagonal], _SMALLEST_THETA) ** 2
+        values[diagonal] = np.maximum(values[diagonal], _SMALLEST_THETA)
+        squared = self.squared[mask]
+        values[squared] = values[squared] ** 2
         return values
 
     def from_search(self, values, mask):
         theta = np.array(values, "float64")
-        diagonal = self.diagonal[mask]
-        theta[diagonal] = np.sqrt(theta[diagonal])
+        squared = self.squared[mask]
+        theta[squared] = np.sqrt(theta[squared])
         return theta
 
     def bounds(self, mask):
         return [
-            (_SMALLEST_THETA**2, _LARGEST_THETA**2) if diagonal else (None, None)
-            for diagonal in self.diagonal[mask]
+            (_SMALLEST_THETA**2, _LARGEST_THETA**2)
+            if squared
+            else (_SMALLEST_THETA, _LARGEST_THETA)
+            if diagonal
+            else (None, None)
+            for diagonal, squared in zip(self.diagonal[mask], self.squared[mask])
         ]
 
 
@@ -312,6 +325,17 @@ def _block_diagonal(blocks):
         (blocks, np.arange(num_blocks), np.arange(num_blocks + 1)),
         shape=(num_blocks * d, num_blocks * d),
     ).tocsr()
+
+
+def _cholesky_inverse(factor):
+    """S^-1 from S's lower Cholesky factor (LAPACK's potri: a third of the work of inverting
+    the factor and multiplying)."""
+    if len(factor) == 0:
+        return np.zeros((0, 0))
+    lower, info = linalg.lapack.dpotri(factor, lower=1)
+    if info:
+        raise linalg.LinAlgError(f"potri failed with info={info}")
+    return np.tril(lower) + np.tril(lower, -1).T
 
 
 def _lambda_products(lam):
@@ -561,8 +585,7 @@ class LinearMixedSystem:
             return None
         num_rest = self.num_rest_levels
         factor = pls["factor"] if reml else pls["factor"][:num_rest, :num_rest]
-        inverse_factor = linalg.solve_triangular(factor, np.eye(len(factor)), lower=True)
-        inverse = inverse_factor.T @ inverse_factor  # the Schur complement's inverse
+        inverse = _cholesky_inverse(factor)  # the Schur complement's inverse
         inverse_blocks = [None] * len(self.num_levels)
         squares = [None] * len(self.num_levels)
         for k, columns in self.rest_layout.items():
@@ -603,33 +626,20 @@ class LinearMixedSystem:
         first = self._first
         analytic = not (isinstance(first, _FirstFactorBlocks) and first.dense_cross is None)
         variance = float(noise_scale) ** 2
-        for _ in range(20):
+        for iteration in range(20):
             if mask.any():
-
-                def objective(values, variance=variance):
-                    trial = theta.copy()
-                    trial[mask] = layout.from_search(values, mask)
-                    value, gradient, _ = self.criterion(trial, variance, reml)
-                    if not analytic:
-                        return value
-                    gradient = gradient[mask].copy()
-                    diagonal = layout.diagonal[mask]  # searched as their squares
-                    gradient[diagonal] /= 2.0 * trial[mask][diagonal]
-                    return value, gradient
-
-                # Diagonal entries in theta^2: there the criterion has a non-zero slope at
-                # the boundary (in theta it is even, so theta = 0 is always stationary, a
-                # maximum as often as not). Without an analytic gradient (slopes eliminated
-                # over a wide rest), finite differences.
-                result = optimize.minimize(
-                    objective,
-                    layout.to_search(theta, mask),
-                    method="L-BFGS-B",
-                    jac=True if analytic else "3-point",
-                    bounds=layout.bounds(mask),
-                    options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500},
-                )
-                theta[mask] = layout.from_search(result.x, mask)
+                theta, value = self._search(theta, mask, variance, reml, analytic)
+                # A diagonal entry searched as it is can stall at its bound, a local optimum
+                # at Sigma_k's boundary (the criterion's slope there is that of a variance's
+                # square root); restart it inside once and keep the better of the two.
+                stalled = mask & layout.diagonal & ~layout.squared
+                stalled &= theta <= 2.0 * _SMALLEST_THETA
+                if iteration == 0 and stalled.any():
+                    restart = theta.copy()
+                    restart[stalled] = 1.0
+                    other, other_value = self._search(restart, mask, variance, reml, analytic)
+                    if other_value < value:
+                        theta = other
             _, _, new_variance = self.criterion(theta, variance, reml)
             # The ridge moves with s^2 only where beta has a prior.
             converged = (
@@ -641,6 +651,38 @@ class LinearMixedSystem:
                 break
         return theta, float(np.sqrt(variance))
 
+    def _search(self, theta, mask, variance, reml, analytic):
+        """L-BFGS-B on the criterion over the entries of theta in `mask`, the others held;
+        returns the new theta and the criterion there."""
+        layout = self.covariance_factors
+
+        def objective(values):
+            trial = theta.copy()
+            trial[mask] = layout.from_search(values, mask)
+            value, gradient, _ = self.criterion(trial, variance, reml)
+            if not analytic:
+                return value
+            gradient = gradient[mask].copy()
+            squared = layout.squared[mask]  # searched as their squares
+            gradient[squared] /= 2.0 * trial[mask][squared]
+            return value, gradient
+
+        # Diagonal entries alone in their column in theta^2: there the criterion has a
+        # non-zero slope at the boundary (in theta it is even, so theta = 0 is always
+        # stationary, a maximum as often as not). Without an analytic gradient (slopes
+        # eliminated over a wide rest), finite differences.
+        result = optimize.minimize(
+            objective,
+            layout.to_search(theta, mask),
+            method="L-BFGS-B",
+            jac=True if analytic else "3-point",
+            bounds=layout.bounds(mask),
+            options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500},
+        )
+        theta = theta.copy()
+        theta[mask] = layout.from_search(result.x, mask)
+        return theta, float(result.fun)
+
     @_one_blas_thread
     def posterior(self, theta, noise_scale) -> JointPosterior:
         """The posterior of (beta, every b_k) given theta and s, on b's scale."""
@@ -649,8 +691,7 @@ class LinearMixedSystem:
         if pls is None:
             raise ValueError("the mixed model's system is singular at the estimated scales")
         lam, factor = pls["lam"], pls["factor"]
-        inverse_factor = linalg.solve_triangular(factor, np.eye(len(factor)), lower=True)
-        inverse = inverse_factor.T @ inverse_factor
+        inverse = _cholesky_inverse(factor)
         if isinstance(lam, np.ndarray):
             rest_covariance = variance * lam[:, None] * inverse * lam[None, :]
         else:

@@ -12,6 +12,12 @@ computed, correlations included; for a bare Keras model, from the layers' mean-f
 where the intercept's sd ignores its correlation with the offsets), LogNormal for a grouping
 factor's scale when it has a hyperprior. A scale learned as a point estimate has no interval.
 
+A grouping factor with random slopes (a `RandomEffects` layer) has one coefficient per term
+per group: `(Intercept)`, then one per slope column. `variance_components` then has a row
+per term and their correlations, `random_effects_covariance` the whole matrix,
+`group_effects(..., term=...)` one term's table, and `posterior_draws` a term axis. An
+estimator's are on the data's scale (the intercept at the slope columns' zero, as lme4's).
+
 For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
 `variance_components` is `VarCorr()`. For the ArviZ user: `to_inference_data`.
 """
@@ -24,7 +30,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from reffects.layers import FixedEffects, GlobalIntercept, RandomIntercept
+from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
 from reffects.models import mixed_model_layers
 from reffects.posteriors import normal_summary
 from reffects.training import ELBOModel
@@ -62,11 +68,17 @@ def _estimator_feature_names(estimator) -> list:
     return [str(name) for j, name in enumerate(names) if name not in groups and j not in groups]
 
 
+_VARIATIONAL_LAYERS = (GlobalIntercept, FixedEffects, RandomIntercept, RandomEffects)
+_GROUP_LAYERS = (RandomIntercept, RandomEffects)
+
+
 class _Fit:
     """A fitted model seen through its variational layers, plus the map to the data's scale.
 
     `[intercept, *coef]` on the reported scale is `shift + matrix @ [alpha, *beta]`; group
-    offsets, scales and the noise scale are `response_scale` times the layers'.
+    offsets, scales and the noise scale are `response_scale` times the layers'. A factor's
+    coefficient vector (one entry per term) on the reported scale is `response_scale *
+    term_map(key) @` the layer's.
     """
 
     def __init__(self, obj):
@@ -87,7 +99,7 @@ class _Fit:
         self.model = model
         layers = list(_walk_layers(model))
         for layer in layers:
-            if isinstance(layer, (GlobalIntercept, FixedEffects, RandomIntercept)):
+            if isinstance(layer, _VARIATIONAL_LAYERS):
                 if layer.units != 1:
                     raise ValueError(
                         f"reffects.inspection reads layers with units=1; layer '{layer.name}' "
@@ -102,10 +114,10 @@ class _Fit:
             keys = list(obj.random_effects_)
             self.factors = dict(zip(keys, mixed_model_layers(model).factors))
             self.levels = {key: obj.random_effects_[key].index for key in keys}
-            self.shift, self.matrix, self.response_scale = obj._data_scale()
+            self.shift, self.matrix, self.response_scale = obj.data_scale()
             self.term_names = [INTERCEPT, *_estimator_feature_names(obj)]
         else:
-            factors = [layer for layer in layers if isinstance(layer, RandomIntercept)]
+            factors = [layer for layer in layers if isinstance(layer, _GROUP_LAYERS)]
             self.factors = {layer.name: layer for layer in factors}
             self.levels = {
                 layer.name: pd.RangeIndex(layer.num_groups, name="group") for layer in factors
@@ -143,6 +155,61 @@ class _Fit:
                 f"Received: factor={factor!r}"
             )
         return factor
+
+    def terms(self, key) -> list:
+        """Names of factor `key`'s terms: `["(Intercept)"]` for a random intercept; with
+        slopes, the intercept and then the estimator's slope columns (for a bare
+        `RandomEffects` layer, its `term_names` or `"(Intercept)", "slope_0", ...`)."""
+        if self.estimator is not None:
+            return list(self.estimator.random_effects_covariance_[key].index)
+        layer = self.factors[key]
+        if isinstance(layer, RandomIntercept):
+            return [INTERCEPT]
+        if layer.term_names is not None:
+            return list(layer.term_names)
+        slopes = [f"slope_{j}" for j in range(layer.num_slopes)]
+        return [INTERCEPT, *slopes] if layer.intercept else slopes
+
+    def term_index(self, key, term) -> int:
+        """The position of `term` (a name; None: the first) among factor `key`'s terms."""
+        names = self.terms(key)
+        if term is None:
+            return 0
+        for j, name in enumerate(names):
+            if term == name or str(term) == str(name):
+                return j
+        raise ValueError(
+            f"`term` must be one of the terms {names} of the grouping factor {key!r}. "
+            f"Received: term={term!r}"
+        )
+
+    def has_slopes(self, key) -> bool:
+        return isinstance(self.factors[key], RandomEffects)
+
+    def term_map(self, key) -> np.ndarray:
+        """A: factor `key`'s coefficients on the reported scale are `response_scale * A @`
+        the layer's (the estimator's own map; the identity for a Keras model)."""
+        if self.estimator is not None:
+            return self.estimator.term_scale(key)
+        return np.eye(len(self.terms(key)))
+
+    def covariance(self, key) -> np.ndarray:
+        """Sigma_k, the prior covariance of a group's coefficients, on the reported scale
+        (under a hyperprior, at the posterior mean of sigma_k)."""
+        layer = self.factors[key]
+        if isinstance(layer, RandomIntercept):
+            sigma = float(keras.ops.convert_to_numpy(layer.group_scale())[0])
+            covariance = np.array([[sigma * sigma]])
+        else:
+            covariance = keras.ops.convert_to_numpy(layer.covariance()).astype("float64")
+        matrix = self.term_map(key)
+        with np.errstate(over="ignore"):  # y on a scale near 1e200: the variances overflow
+            return self.response_scale**2 * (matrix @ covariance @ matrix.T)
+
+    def correlated(self, key) -> bool:
+        """Whether factor `key` estimates correlations between its terms."""
+        layer = self.factors[key]
+        return isinstance(layer, RandomEffects) and layer.correlated and layer.num_terms > 1
 
     def linear_posterior(self):
         """Posterior mean and sd of [alpha, *beta] on the layers' scale."""
@@ -221,17 +288,19 @@ class _Fit:
         if not isinstance(self.model, ELBOModel):
             raise ValueError(
                 "Group statistics of a Keras model need the ELBOModel that was trained "
-                f"(to find which input feeds each RandomIntercept). Received: {type(self.model)}"
+                "(to find which input feeds each RandomIntercept or RandomEffects). "
+                f"Received: {type(self.model)}"
             )
+        kind = type(self.factors[key]).__name__
         for layer, ids in self.model._group_ids_by_layer(X):
             if layer is self.factors[key]:
                 if ids is None:
                     raise ValueError(
-                        f"The ids of RandomIntercept '{key}' are not an input of the network, "
+                        f"The ids of {kind} '{key}' are not an input of the network, "
                         "so their groups cannot be read from X."
                     )
                 return self.factors[key].validate_ids(ids)
-        raise ValueError(f"RandomIntercept '{key}' is not in the model's network")
+        raise ValueError(f"{kind} '{key}' is not in the model's network")
 
 
 def _as_vector(y) -> np.ndarray:
@@ -296,36 +365,107 @@ def variance_components(obj, level: float = 0.95) -> pd.DataFrame:
         `variance`, `lower` and `upper` (the central interval of q(sigma_k) under a
         hyperprior, NaN for point estimates) and `groups` (levels seen in training).
 
+        When a factor has random slopes, the index is `(factor, term)`, one row per term
+        (a random intercept's term is `"(Intercept)"`, the residual's `""`), and a column
+        `corr` holds each term's correlation with its factor's first term (the intercept),
+        as the first column of lme4's `Corr`; NaN for the first term, for a random
+        intercept and for independent terms. `random_effects_covariance` gives the whole
+        matrix.
+
     Example:
         >>> from reffects.models import build_mixed_model
         >>> model = build_mixed_model(num_features=0, num_groups=[4], scale_prior="exponential")
         >>> table = variance_components(model)
         >>> list(table.index), list(table.columns)
         (['random_intercept_0', 'Residual'], ['sd', 'variance', 'lower', 'upper', 'groups'])
+        >>> slopes = build_mixed_model(num_features=1, num_groups=[4], random_slopes=[[0]])
+        >>> variance_components(slopes).index.tolist()
+        [('random_effects_0', '(Intercept)'), ('random_effects_0', 'slope_0'), ('Residual', '')]
     """
     fit = _Fit(obj)
     z = _z(level)
+    by_term = any(fit.has_slopes(key) for key in fit.factors)
     rows = {}
     for key, layer in fit.factors.items():
-        sd = fit.response_scale * float(keras.ops.convert_to_numpy(layer.group_scale())[0])
-        lower = upper = math.nan
-        if layer.scale_prior is not None:
-            q_sigma = layer.posterior()["group_scale"]
-            mu = float(keras.ops.convert_to_numpy(q_sigma.loc)[0])
-            s = float(keras.ops.convert_to_numpy(q_sigma.scale)[0])
-            lower = fit.response_scale * math.exp(mu - z * s)
-            upper = fit.response_scale * math.exp(mu + z * s)
         counts = keras.ops.convert_to_numpy(layer.group_counts)[: len(fit.levels[key])]
-        rows[key] = {"sd": sd, "lower": lower, "upper": upper, "groups": int(np.sum(counts > 0))}
+        groups = int(np.sum(counts > 0))
+        if isinstance(layer, RandomIntercept):
+            sd = fit.response_scale * float(keras.ops.convert_to_numpy(layer.group_scale())[0])
+            lower = upper = math.nan
+            if layer.scale_prior is not None:
+                q_sigma = layer.posterior()["group_scale"]
+                mu = float(keras.ops.convert_to_numpy(q_sigma.loc)[0])
+                s = float(keras.ops.convert_to_numpy(q_sigma.scale)[0])
+                lower = fit.response_scale * math.exp(mu - z * s)
+                upper = fit.response_scale * math.exp(mu + z * s)
+            row = {"sd": sd, "lower": lower, "upper": upper, "groups": groups, "corr": math.nan}
+            rows[(key, INTERCEPT) if by_term else key] = row
+            continue
+        for name, row in zip(fit.terms(key), _term_components(fit, key, z)):
+            rows[(key, name)] = {**row, "groups": groups}
     noise = fit.noise_scale()
     if noise is not None:
-        rows[RESIDUAL] = {"sd": noise, "lower": math.nan, "upper": math.nan, "groups": 0}
-    frame = pd.DataFrame.from_dict(
-        rows, orient="index", columns=["sd", "lower", "upper", "groups"]
+        row = {"sd": noise, "lower": math.nan, "upper": math.nan, "groups": 0, "corr": math.nan}
+        rows[(RESIDUAL, "") if by_term else RESIDUAL] = row
+    columns = ["sd", "lower", "upper", "groups", *(["corr"] if by_term else [])]
+    frame = pd.DataFrame(
+        [[row[column] for column in columns] for row in rows.values()], columns=columns
     ).astype({"sd": "float64", "lower": "float64", "upper": "float64", "groups": "int64"})
+    if by_term:
+        frame.index = pd.MultiIndex.from_tuples(list(rows), names=["factor", "term"])
+    else:
+        frame.index = pd.Index(list(rows), name="factor")
     frame.insert(1, "variance", np.square(frame["sd"]))
-    frame.index.name = "factor"
     return frame
+
+
+def _term_components(fit, key, z) -> list:
+    """`variance_components`' rows (sd, lower, upper, corr) of a factor with slopes."""
+    layer = fit.factors[key]
+    covariance = fit.covariance(key)
+    sd = np.sqrt(np.diag(covariance))
+    lower = upper = np.full(len(sd), math.nan)
+    matrix = fit.term_map(key)
+    # q(sigma_j) maps to the reported scale only when A is diagonal (it always is for a bare
+    # layer; the estimators take no hyperprior with slopes).
+    if layer.scale_prior is not None and np.count_nonzero(matrix - np.diag(np.diag(matrix))) == 0:
+        q_sigma = layer.posterior()["group_scale"]
+        mu = keras.ops.convert_to_numpy(q_sigma.loc).astype("float64")
+        s = keras.ops.convert_to_numpy(q_sigma.scale).astype("float64")
+        scale = fit.response_scale * np.abs(np.diag(matrix))
+        lower, upper = scale * np.exp(mu - z * s), scale * np.exp(mu + z * s)
+    corr = np.full(len(sd), math.nan)
+    if fit.correlated(key):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero sd: no correlation
+            corr[1:] = covariance[1:, 0] / (sd[1:] * sd[0])
+    return [
+        {"sd": sd[j], "lower": lower[j], "upper": upper[j], "corr": corr[j]} for j in range(len(sd))
+    ]
+
+
+def random_effects_covariance(obj) -> dict:
+    """Sigma_k per grouping factor: the covariance of a group's coefficients (lme4's VarCorr
+    matrices), on the data's scale for an estimator.
+
+    Args:
+        obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
+
+    Returns:
+        A dict factor -> DataFrame with the factor's terms as index and columns (1 x 1 for a
+        random intercept); under a hyperprior, at the posterior mean of sigma_k. An
+        estimator's equal its `random_effects_covariance_`.
+
+    Example:
+        >>> from reffects.models import build_mixed_model
+        >>> model = build_mixed_model(num_features=1, num_groups=[4, 3], random_slopes=[[0], None])
+        >>> {key: frame.shape for key, frame in random_effects_covariance(model).items()}
+        {'random_effects_0': (2, 2), 'random_intercept_1': (1, 1)}
+    """
+    fit = _Fit(obj)
+    return {
+        key: pd.DataFrame(fit.covariance(key), index=fit.terms(key), columns=fit.terms(key))
+        for key in fit.factors
+    }
 
 
 def residuals(obj, X, y) -> np.ndarray:
@@ -352,7 +492,9 @@ def residuals(obj, X, y) -> np.ndarray:
     return fit.response(y) - fit.predict(X)
 
 
-def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.DataFrame:
+def group_effects(
+    obj, factor=None, X=None, y=None, level: float = 0.95, *, term=None
+) -> pd.DataFrame:
     """The group offsets of one grouping factor (lme4's `ranef()`), with group statistics.
 
     Groups with no training rows show their prior, Normal(0, sigma_k). Given the training
@@ -362,18 +504,29 @@ def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.D
     other term held at its posterior mean. Partial pooling pulls `intercept + mean` from
     `unpooled` towards the intercept, the more so the smaller `n`.
 
+    A factor with random slopes has one table per term. For a slope term (an estimator's),
+    `unpooled` is the group's slope (fixed effect + offset) estimated from its own rows
+    alone with every other term held at its posterior mean: the fixed effect plus the
+    within-group least-squares slope through the origin of `y - prediction + offset * z` on
+    the slope column z (NaN where z is 0 on every row); there is no `raw_mean`.
+
     Args:
         obj: a Keras model built from reffects layers (an `ELBOModel` when `X` is given), or
             a fitted `RandomEffectsRegressor`.
         factor: the grouping factor: a group column of the estimator, or the name of a
-            `RandomIntercept` layer; None when there is only one.
+            `RandomIntercept` or `RandomEffects` layer; None when there is only one.
         X, y: optional training data, as given to `fit`, for `raw_mean` and `unpooled`.
         level: probability mass of the central interval.
+        term: the term of a factor with random slopes: `"(Intercept)"` or a slope column
+            (`"slope_0"`, ... or the layer's `term_names` for a Keras model); None: the
+            first term (the intercept).
 
     Returns:
         A DataFrame indexed by level (group id for a Keras model) with columns `mean`, `sd`,
         `lower`, `upper`, `n` (training rows), and `raw_mean`, `unpooled` when `X`, `y` are
-        given (NaN for groups without rows in `X`).
+        given (NaN for groups without rows in `X`). For an estimator, `mean` and `sd` are
+        `random_effects_[factor]`'s `mean`, `sd` (the intercept) or `mean_<term>`,
+        `sd_<term>`.
 
     Example:
         >>> from reffects.models import build_mixed_model
@@ -386,11 +539,21 @@ def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.D
     """
     fit = _Fit(obj)
     key = fit.factor(factor)
+    j = fit.term_index(key, term)
+    name = fit.terms(key)[j]
     levels = fit.levels[key]
     if fit.estimator is not None:
-        frame = fit.estimator.random_effects_[key].copy()
+        table = fit.estimator.random_effects_[key]
+        suffix = "" if j == 0 else f"_{name}"
+        frame = pd.DataFrame(
+            {"mean": table[f"mean{suffix}"], "sd": table[f"sd{suffix}"]}, index=table.index
+        )
         stats = normal_summary(frame["mean"], frame["sd"], level)
         frame["lower"], frame["upper"] = stats["lower"], stats["upper"]
+        frame["n"] = table["n"]
+    elif fit.has_slopes(key):
+        summary = fit.factors[key].posterior_summary(level)
+        frame = summary[summary["term"] == name].drop(columns="term").set_index("group")
     else:
         frame = fit.factors[key].posterior_summary(level)
     frame = frame[["mean", "sd", "lower", "upper", "n"]]
@@ -398,15 +561,35 @@ def group_effects(obj, factor=None, X=None, y=None, level: float = 0.95) -> pd.D
         return frame
     if X is None or y is None:
         raise ValueError("Pass both X and y (the training data) for the group statistics.")
+    slope = j > 0 or (fit.has_slopes(key) and not fit.factors[key].intercept)
+    if slope and fit.estimator is None:
+        raise ValueError(
+            f"Group statistics of the slope term {name!r} are read through a fitted "
+            "estimator (which knows each slope's column of X); pass it, or leave out X and y"
+        )
     target = fit.response(y)
     codes = fit.group_codes(key, X)
     if len(codes) != len(target):
         raise ValueError(f"X has {len(codes)} rows but y has {len(target)}")
     offsets = frame["mean"].to_numpy()
-    level_part = fit.intercept_mean() + np.where(codes >= 0, offsets[np.maximum(codes, 0)], 0.0)
+    own_part = np.where(codes >= 0, offsets[np.maximum(codes, 0)], 0.0)
+    frame = frame.copy()
+    if slope:
+        column = X[name] if isinstance(X, pd.DataFrame) else np.asarray(X)[:, name]
+        z = np.asarray(column, dtype="float64")
+        own = (target - fit.predict(X) + own_part * z) * z
+        rows = pd.DataFrame({"code": codes, "zy": own, "zz": z * z})
+        sums = rows[rows["code"] >= 0].groupby("code")[["zy", "zz"]].sum()
+        sums = sums.reindex(range(len(levels)))
+        loc, _ = fit.linear_posterior()
+        fixed = fit.shift + fit.matrix @ loc
+        coef = fixed[fit.term_names.index(str(name))]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frame["unpooled"] = coef + (sums["zy"] / sums["zz"]).to_numpy()
+        return frame
+    level_part = fit.intercept_mean() + own_part
     rows = pd.DataFrame({"code": codes, "y": target, "own": target - fit.predict(X) + level_part})
     means = rows[rows["code"] >= 0].groupby("code")[["y", "own"]].mean()
-    frame = frame.copy()
     frame["raw_mean"] = means["y"].reindex(range(len(levels))).to_numpy()
     frame["unpooled"] = means["own"].reindex(range(len(levels))).to_numpy()
     return frame
@@ -428,7 +611,11 @@ def posterior_draws(obj, num_draws: int = 1000, seed: int | None = None) -> dict
         A dict of arrays whose first axis is the draw: `intercept` `(num_draws,)`, `coef`
         `(num_draws, num_features)`, and per grouping factor k `offset_k`
         `(num_draws, num_levels)` and `sigma_k` `(num_draws,)`; `noise_scale` for a
-        Gaussian likelihood.
+        Gaussian likelihood. A factor with random slopes has a last axis of terms (in the
+        order of `random_effects_covariance`): `offset_k` `(num_draws, num_levels,
+        num_terms)`, each group's coefficients on the reported scale (an estimator's as its
+        `random_effects_`: intercept at the slope columns' zero, slopes per unit of them),
+        and `sigma_k` `(num_draws, num_terms)`, the sd of each term.
 
     Example:
         >>> from reffects.models import build_mixed_model
@@ -457,6 +644,9 @@ def posterior_draws(obj, num_draws: int = 1000, seed: int | None = None) -> dict
         if fit.fixed is not None:
             draws["coef"] = linear
     for key, layer in fit.factors.items():
+        if isinstance(layer, RandomEffects):
+            draws.update(_term_draws(fit, key, num_draws, rng))
+            continue
         num_levels = len(fit.levels[key])
         posterior = layer.posterior()
         offset_loc = keras.ops.convert_to_numpy(posterior["offset"].loc)[:num_levels, 0]
@@ -480,6 +670,39 @@ def posterior_draws(obj, num_draws: int = 1000, seed: int | None = None) -> dict
     return draws
 
 
+def _term_draws(fit, key, num_draws, rng) -> dict:
+    """`posterior_draws` of a `RandomEffects` layer's q (a bare Keras model's)."""
+    layer = fit.factors[key]
+    num_levels = len(fit.levels[key])
+    posterior = layer.posterior()
+    loc = keras.ops.convert_to_numpy(posterior["offset"].loc).astype("float64")[:num_levels]
+    scale_tril = keras.ops.convert_to_numpy(posterior["offset"].scale.to_dense())
+    scale_tril = scale_tril.astype("float64")[:num_levels]
+    num_terms = loc.shape[-1]
+    if layer.scale_prior is None:
+        sigma = keras.ops.convert_to_numpy(layer.group_scale()).astype("float64")
+        sigma = np.tile(sigma, (num_draws, 1))
+    else:
+        mu = keras.ops.convert_to_numpy(posterior["group_scale"].loc).astype("float64")
+        s = keras.ops.convert_to_numpy(posterior["group_scale"].scale).astype("float64")
+        sigma = np.exp(mu + s * rng.standard_normal((num_draws, num_terms)))
+    noise = rng.standard_normal((num_draws, num_levels, num_terms))
+    offsets = loc + np.einsum("gjk,sgk->sgj", scale_tril, noise)
+    correlation = keras.ops.convert_to_numpy(layer.correlation()).astype("float64")
+    values, vectors = np.linalg.eigh(correlation)  # a factor F F' = R, R singular or not
+    root = vectors * np.sqrt(np.clip(values, 0.0, None))
+    unseen = keras.ops.convert_to_numpy(layer.group_counts)[:num_levels] == 0
+    prior_tril = sigma[:, :, None] * root  # (num_draws, terms, terms): the prior MVN(0, Sigma)
+    offsets[:, unseen] = np.einsum("sjk,sgk->sgj", prior_tril, noise[:, unseen])
+    matrix = fit.term_map(key)
+    covariance = sigma[:, :, None] * correlation * sigma[:, None, :]
+    term_variance = np.einsum("ij,sjk,ik->si", matrix, covariance, matrix)
+    return {
+        f"offset_{key}": fit.response_scale * np.einsum("ij,sgj->sgi", matrix, offsets),
+        f"sigma_{key}": fit.response_scale * np.sqrt(term_variance),
+    }
+
+
 def _joint_draws(fit, joint, num_draws, rng) -> dict:
     """`posterior_draws` from an estimator's joint posterior (its correlations kept)."""
     fixed, offsets = joint.sample(num_draws, rng)
@@ -488,8 +711,17 @@ def _joint_draws(fit, joint, num_draws, rng) -> dict:
     if fit.fixed is not None:
         draws["coef"] = linear[:, 1:]
     for k, (key, layer) in enumerate(fit.factors.items()):
-        sigma = float(keras.ops.convert_to_numpy(layer.group_scale())[0])
         group_draws = offsets[k][:, : len(fit.levels[key])]
+        if isinstance(layer, RandomEffects):
+            # Each draw of a group's coefficients on the model's scale, mapped as
+            # `random_effects_` is: response_scale * A @ b.
+            matrix = fit.term_map(key)
+            group_draws = np.einsum("ij,sgj->sgi", matrix, group_draws)
+            sd = np.sqrt(np.diag(fit.covariance(key)))
+            draws[f"offset_{key}"] = fit.response_scale * group_draws
+            draws[f"sigma_{key}"] = np.tile(sd, (num_draws, 1))
+            continue
+        sigma = float(keras.ops.convert_to_numpy(layer.group_scale())[0])
         if group_draws.shape[-1] == 1:  # a random intercept: (num_draws, groups)
             group_draws = group_draws[..., 0]
         draws[f"offset_{key}"] = fit.response_scale * group_draws
@@ -507,7 +739,8 @@ def to_inference_data(obj, num_draws: int = 1000, num_chains: int = 4, seed: int
     `num_chains` chains so that ArviZ's diagnostics that want several chains run (`r_hat` is
     then 1 up to noise, and the effective sample size about the number of draws).
     Dimensions: `feature` for `coef` (the feature names as coordinates) and one per grouping
-    factor for its offsets (the levels as coordinates).
+    factor for its offsets (the levels as coordinates); a factor k with random slopes adds
+    `k_term` (its term names) to `offset_k` and `sigma_k`.
 
     Args:
         obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
@@ -548,6 +781,10 @@ def to_inference_data(obj, num_draws: int = 1000, num_chains: int = 4, seed: int
     for key in fit.factors:
         coords[str(key)] = np.asarray(fit.levels[key])
         dims[f"offset_{key}"] = [str(key)]
+        if fit.has_slopes(key):
+            coords[f"{key}_term"] = [str(name) for name in fit.terms(key)]
+            dims[f"offset_{key}"].append(f"{key}_term")
+            dims[f"sigma_{key}"] = [f"{key}_term"]
     posterior = {
         name: value.reshape(num_chains, num_draws, *value.shape[1:])
         for name, value in draws.items()
@@ -555,10 +792,16 @@ def to_inference_data(obj, num_draws: int = 1000, num_chains: int = 4, seed: int
     return arviz.from_dict(posterior=posterior, coords=coords, dims=dims)
 
 
-def _text_table(columns: dict, left=()) -> list:
-    """Lines of a plain table, one space in front as in R's print: text left, numbers right."""
-    widths = {name: max(len(name), *map(len, values)) for name, values in columns.items()}
-    rows = [list(columns)] + [list(row) for row in zip(*columns.values())]
+def _text_table(columns: dict, left=(), headers=None) -> list:
+    """Lines of a plain table, one space in front as in R's print: text left, numbers right.
+
+    `headers` (one per column) replace the column keys in the first line."""
+    headers = list(columns) if headers is None else list(headers)
+    widths = {
+        name: max(len(header), *map(len, values))
+        for header, (name, values) in zip(headers, columns.items())
+    }
+    rows = [headers] + [list(row) for row in zip(*columns.values())]
     return [
         " "
         + " ".join(
@@ -616,6 +859,8 @@ class Summary:
         subnetwork_weights: number of point-estimate weights outside the variational layers.
         level: the interval level of the tables.
         method: how the posterior was fitted, for the header.
+        correlations: factor -> the correlation matrix of its terms (a DataFrame), for each
+            factor with correlated random slopes; printed as lme4's `Corr`.
     """
 
     family: str
@@ -627,6 +872,7 @@ class Summary:
     subnetwork_weights: int
     level: float
     method: str = "variational inference (mean-field, ELBO)"
+    correlations: dict | None = None
 
     def __str__(self) -> str:
         lower = f"{50 * (1 - self.level):.3g} %"
@@ -657,21 +903,33 @@ class Summary:
             lines += ["", title, quantiles]
 
         components = self.variance_components
+        if isinstance(components.index, pd.MultiIndex):
+            factor_names = list(components.index.get_level_values(0))
+            term_names = [str(term) for term in components.index.get_level_values(1)]
+        else:
+            factor_names = list(components.index)
+            term_names = ["" if name == RESIDUAL else INTERCEPT for name in factor_names]
+        first_rows = [i == 0 or factor_names[i - 1] != name for i, name in enumerate(factor_names)]
         columns = {
-            "Groups": [str(name) for name in components.index],
-            "Name": ["" if name == RESIDUAL else INTERCEPT for name in components.index],
+            "Groups": [str(name) if first else "" for name, first in zip(factor_names, first_rows)],
+            "Name": term_names,
             "Variance": [f"{v:.4f}" for v in components["variance"]],
             "Std.Dev.": [f"{v:.4f}" for v in components["sd"]],
         }
         if components[["lower", "upper"]].notna().any(axis=None):
             for column, label in (("lower", lower), ("upper", upper)):
                 columns[label] = ["" if np.isnan(v) else f"{v:.4f}" for v in components[column]]
+        headers = list(columns)
+        columns.update(_correlation_columns(self.correlations or {}, factor_names, term_names))
+        headers += ["Corr" if j == 0 else "" for j in range(len(columns) - len(headers))]
         groups = [
-            f"{name}, {count}" for name, count in components["groups"].items() if name != RESIDUAL
+            f"{name}, {count}"
+            for name, count, first in zip(factor_names, components["groups"], first_rows)
+            if first and name != RESIDUAL
         ]
         lines += ["", "Random effects:"]
         if len(components):
-            lines += _text_table(columns, left=("Groups", "Name"))
+            lines += _text_table(columns, left=("Groups", "Name"), headers=headers)
         observations = "unknown" if self.num_examples is None else str(self.num_examples)
         lines.append(f"Number of obs: {observations}, groups:  {'; '.join(groups) or 'none'}")
 
@@ -685,6 +943,22 @@ class Summary:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _correlation_columns(correlations: dict, factor_names: list, term_names: list) -> dict:
+    """lme4's `Corr` columns: on the row of a factor's term j, its correlations with the
+    terms before it, two decimals."""
+    width = max((len(matrix) - 1 for matrix in correlations.values()), default=0)
+    columns = {f"corr_{c}": [""] * len(factor_names) for c in range(width)}
+    for row, (factor, term) in enumerate(zip(factor_names, term_names)):
+        matrix = correlations.get(factor)
+        if matrix is None:
+            continue
+        j = [str(name) for name in matrix.index].index(term)
+        for c in range(j):
+            value = matrix.iloc[j, c]
+            columns[f"corr_{c}"][row] = "" if np.isnan(value) else f"{value:.2f}"
+    return columns
 
 
 def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
@@ -717,11 +991,10 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
         x0             0.0000   0.0100 -0.0196  0.0196
     """
     fit = _Fit(obj)
-    variational = (GlobalIntercept, FixedEffects, RandomIntercept)
     excluded = {
         id(weight)
         for layer in _walk_layers(fit.model)
-        if isinstance(layer, variational) or layer is fit.likelihood
+        if isinstance(layer, _VARIATIONAL_LAYERS) or layer is fit.likelihood
         for weight in layer.weights
     }
     subnetwork = sum(
@@ -733,6 +1006,8 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
     num_examples = None
     if size is not None and float(keras.ops.convert_to_numpy(size)) > 0:
         num_examples = int(keras.ops.convert_to_numpy(size))
+    elif getattr(fit.model, "num_examples", None) is not None:  # stated, or a fit without SGD
+        num_examples = int(fit.model.num_examples)
     history = training_history(obj)
     last_epoch = None
     if history and all(name in history for name in ("loss", "nll", "kl")):
@@ -743,8 +1018,9 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
         if X is None or y is None:
             raise ValueError("Pass both X and y (the training data) for the residuals.")
         values = residuals(obj, X, y)
-        if RESIDUAL in components.index:
-            values = values / components.loc[RESIDUAL, "sd"]
+        noise = fit.noise_scale()
+        if noise is not None:
+            values = values / noise
         quantiles = pd.Series(
             np.quantile(values, [0.0, 0.25, 0.5, 0.75, 1.0]),
             index=["Min", "1Q", "Median", "3Q", "Max"],
@@ -760,14 +1036,36 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
         subnetwork_weights=subnetwork,
         level=level,
         method=_fit_method(obj),
+        correlations=_correlations(fit),
     )
 
 
+def _correlations(fit) -> dict:
+    """Factor -> correlation matrix of its terms, for the factors with correlated slopes."""
+    result = {}
+    for key in fit.factors:
+        if not fit.correlated(key):
+            continue
+        covariance = fit.covariance(key)
+        sd = np.sqrt(np.diag(covariance))
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero sd: no correlation
+            matrix = covariance / np.outer(sd, sd)
+        result[key] = pd.DataFrame(matrix, index=fit.terms(key), columns=fit.terms(key))
+    return result
+
+
 def _fit_method(obj) -> str:
-    """The header's account of how an estimator or a Keras model was fitted."""
+    """The header's account of how an estimator or a Keras model was fitted: an estimator
+    without a subnetwork runs no SGD unless asked (`epochs`), and then its history is
+    empty."""
     if getattr(obj, "joint_posterior_", None) is None:
         return Summary.method
+    sgd = bool(getattr(obj, "history_", None))
     if getattr(obj, "family", "bernoulli") == "gaussian":
         criterion = "REML" if obj.reml else "ML"
+        if not sgd:
+            return f"lme4's {criterion} (exact joint posterior), no SGD"
         return f"SGD on the ELBO, then lme4's {criterion} finish (joint posterior)"
+    if not sgd:
+        return "glmer's Laplace approximation (joint posterior), no SGD"
     return "SGD on the ELBO, then glmer's Laplace finish (joint posterior)"

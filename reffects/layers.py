@@ -52,6 +52,14 @@ def _gather_rows(variable, ids):
     return tf.gather(variable.value, ids)
 
 
+def _seed_generator(seed):
+    """`seed` (an int, a `keras.random.SeedGenerator` or None) as a `SeedGenerator`, so that
+    successive draws from it differ."""
+    if isinstance(seed, keras.random.SeedGenerator):
+        return seed
+    return keras.random.SeedGenerator(seed)
+
+
 def _summary_frame(loc, scale, level, index_name):
     """One row per entry of `loc` (units flattened into a `unit` column when > 1)."""
     stats = normal_summary(loc, scale, level)
@@ -292,12 +300,17 @@ class FixedEffects(keras.layers.Layer):
 
 
 class _GroupLayer(keras.layers.Layer):
-    """What the layers indexed by a group id share: training counts and id checks.
+    """What the layers indexed by a group id share: id checks, training counts and sigma.
 
-    A subclass calls `_add_group_counts()` at the end of its `build` (after its own weights,
-    so the order of saved weights is its own first) and defines `_unbuilt_input_shape()`, the
-    input shape `adapt` builds it with when it has not been called yet. Error messages name
-    the subclass and the layer.
+    sigma holds the prior sd of each of a group's `_num_coefficients` coefficients: a point
+    estimate (`scale_prior=None`) or q(sigma) = LogNormal(mu, s) under a hyperprior.
+
+    A subclass calls `_set_scale_args` in `__init__` (after its own checks), then in `build`
+    `_add_group_scale()` after its offset weights and `_add_group_counts()` last (so the
+    order of saved weights is unchanged), and defines `_num_coefficients`,
+    `_unbuilt_input_shape()` (the input shape `adapt` builds it with when it has not been
+    called yet) and `_point_setter` (the method that sets sigma's point estimate, named in
+    an error). Error messages name the subclass and the layer.
     """
 
     @property
@@ -401,6 +414,154 @@ class _GroupLayer(keras.layers.Layer):
         with tf.control_dependencies([check]):
             return tf.identity(ids)
 
+    # sigma, the prior sd of a group's coefficients.
+
+    def _set_scale_args(self, scale_prior, initial_group_scale, initial_posterior_scale, seed):
+        """Stores the arguments both layers take (once the subclass has checked its own)."""
+        self.scale_prior = get_scale_prior(scale_prior)
+        self.initial_group_scale = float(initial_group_scale)
+        self.initial_posterior_scale = float(initial_posterior_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _scale_config(self):
+        """The `get_config` entries of the arguments `_set_scale_args` stores, seed aside."""
+        return dict(
+            scale_prior=(
+                None
+                if self.scale_prior is None
+                else keras.saving.serialize_keras_object(self.scale_prior)
+            ),
+            initial_group_scale=self.initial_group_scale,
+            initial_posterior_scale=self.initial_posterior_scale,
+        )
+
+    def _add_group_scale(self):
+        shape = (self._num_coefficients,)
+        if self.scale_prior is None:
+            self.group_scale_untransformed = self.add_weight(
+                name="group_scale_untransformed",
+                shape=shape,
+                initializer=keras.initializers.Constant(inverse_softplus(self.initial_group_scale)),
+            )
+        else:
+            self.log_group_scale_loc, self.log_group_scale_untransformed_scale = (
+                add_normal_posterior(
+                    self,
+                    "log_group_scale",
+                    shape,
+                    keras.initializers.Constant(np.log(self.initial_group_scale)),
+                    0.1,
+                )
+            )
+
+    def group_scale(self):
+        """sigma: the point estimate, or the posterior mean of q(sigma).
+
+        Shape `(units,)` for `RandomIntercept`, `(num_terms,)` for `RandomEffects`.
+        """
+        if self.scale_prior is None:
+            return positive(self.group_scale_untransformed)
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.exp(self.log_group_scale_loc + 0.5 * ops.square(s))
+
+    def _expected_log_group_scale(self):
+        """E[log sigma]: log sigma, or mu under q(sigma) = LogNormal(mu, s)."""
+        if self.scale_prior is None:
+            return ops.log(positive(self.group_scale_untransformed))
+        return self.log_group_scale_loc
+
+    def _expected_inverse_group_scale(self):
+        """E[1 / sigma]: exp(-mu + s^2 / 2) under q(sigma) = LogNormal(mu, s)."""
+        if self.scale_prior is None:
+            return 1.0 / positive(self.group_scale_untransformed)
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.exp(-self.log_group_scale_loc + 0.5 * ops.square(s))
+
+    def inverse_prior_variance(self):
+        """E[1 / sigma^2]: exp(-2 mu + 2 s^2) under q(sigma) = LogNormal(mu, s)."""
+        if self.scale_prior is None:
+            return 1.0 / ops.square(positive(self.group_scale_untransformed))
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.exp(-2.0 * self.log_group_scale_loc + 2.0 * ops.square(s))
+
+    def _hyperprior_kl(self):
+        if self.scale_prior is None:
+            return 0.0
+        s = positive(self.log_group_scale_untransformed_scale)
+        return ops.sum(self.scale_prior.kl_from_lognormal(self.log_group_scale_loc, s))
+
+    def sample_group_scale(self, num_samples: int, seed=None):
+        """`num_samples` draws of sigma from q(sigma): `(num_samples, units or num_terms)`.
+
+        Without a hyperprior sigma is a point estimate and every draw equals it.
+        """
+        shape = (num_samples, self._num_coefficients)
+        if self.scale_prior is None:
+            return ops.broadcast_to(positive(self.group_scale_untransformed), shape)
+        s = positive(self.log_group_scale_untransformed_scale)
+        noise = keras.random.normal(shape, seed=seed)
+        return ops.exp(self.log_group_scale_loc + s * noise)
+
+    def _group_scale_posterior(self):
+        """q(sigma): `tfd.Deterministic(sigma)`, or `tfd.LogNormal` under a hyperprior."""
+        if self.scale_prior is None:
+            return tfd.Deterministic(self.group_scale())
+        return tfd.LogNormal(
+            self.log_group_scale_loc, positive(self.log_group_scale_untransformed_scale)
+        )
+
+    def set_group_scale_posterior(self, loc, scale):
+        """Sets q(sigma) = LogNormal(loc, scale) (arrays shaped like `group_scale()`); needs
+        a `scale_prior`."""
+        if self.scale_prior is None:
+            raise ValueError(
+                f"{self._kind} '{self.name}' has no hyperprior; its sigma is a point "
+                f"estimate (`{self._point_setter}`)"
+            )
+        shape = (self._num_coefficients,)
+        self.log_group_scale_loc.assign(np.reshape(loc, shape).astype("float32"))
+        self.log_group_scale_untransformed_scale.assign(
+            np.reshape(inverse_softplus(scale), shape).astype("float32")
+        )
+
+    def _check_point_group_scale(self, hint=""):
+        """Raises unless sigma is a point estimate (`scale_prior=None`)."""
+        if self.scale_prior is not None:
+            raise ValueError(
+                f"{self._kind} '{self.name}' has a hyperprior on sigma; its q(sigma) is "
+                f"trained, not set{hint}"
+            )
+
+    # Pieces of the subclasses' `call`, `sample_posterior` and `posterior_summary`.
+
+    def _add_kl_loss(self, offset_kl):
+        """Adds `offset_kl` (the offsets' KL, or its batch estimate) + KL(q(sigma) || p(sigma))."""
+        self.add_loss(offset_kl + self._hyperprior_kl())
+
+    def _trained_groups_sum(self, group_kl):
+        """The sum of `group_kl` `(num_groups,)` over the groups with training rows."""
+        return ops.sum(ops.where(self.group_counts > 0, group_kl, 0.0))
+
+    def _batch_groups(self, ids):
+        """The batch's distinct groups, for `sample_posterior`.
+
+        Returns each row's index into them and, per distinct group, whether it has training
+        rows, its posterior mean (0 if not) and its untransformed posterior scale.
+        """
+        groups, row_group = tf.unique(ids)
+        seen = ops.take(self.group_counts, groups, axis=0) > 0
+        loc = ops.where(ops.expand_dims(seen, -1), ops.take(self.offset_loc, groups, axis=0), 0.0)
+        untransformed_scale = ops.take(self.offset_untransformed_scale, groups, axis=0)
+        return row_group, seen, loc, untransformed_scale
+
+    def _add_count_column(self, frame):
+        """Adds each group's training count `n` to a `posterior_summary` frame (rows by group,
+        then coefficient)."""
+        counts = ops.convert_to_numpy(self.group_counts).astype("int64")
+        frame["n"] = np.repeat(counts, self._num_coefficients)
+        return frame
+
 
 @keras.saving.register_keras_serializable(package="reffects")
 class RandomIntercept(_GroupLayer):
@@ -447,6 +608,8 @@ class RandomIntercept(_GroupLayer):
         (2, 1)
     """
 
+    _point_setter = "set_group_scale"
+
     def __init__(
         self,
         num_groups: int,
@@ -464,51 +627,22 @@ class RandomIntercept(_GroupLayer):
         _check_positive("initial_posterior_scale", initial_posterior_scale)
         self.num_groups = int(num_groups)
         self.units = units
-        self.scale_prior = get_scale_prior(scale_prior)
-        self.initial_group_scale = float(initial_group_scale)
-        self.initial_posterior_scale = float(initial_posterior_scale)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._set_scale_args(scale_prior, initial_group_scale, initial_posterior_scale, seed)
         self.input_spec = keras.layers.InputSpec(max_ndim=2)
+
+    @property
+    def _num_coefficients(self):
+        return self.units
 
     def build(self, input_shape):
         self.offset_loc, self.offset_untransformed_scale = add_normal_posterior(
             self, "offset", (self.num_groups, self.units), "zeros", self.initial_posterior_scale
         )
-        if self.scale_prior is None:
-            self.group_scale_untransformed = self.add_weight(
-                name="group_scale_untransformed",
-                shape=(self.units,),
-                initializer=keras.initializers.Constant(inverse_softplus(self.initial_group_scale)),
-            )
-        else:
-            self.log_group_scale_loc, self.log_group_scale_untransformed_scale = (
-                add_normal_posterior(
-                    self,
-                    "log_group_scale",
-                    (self.units,),
-                    keras.initializers.Constant(np.log(self.initial_group_scale)),
-                    0.1,
-                )
-            )
+        self._add_group_scale()
         self._add_group_counts()
 
     def _unbuilt_input_shape(self):
         return (None,)
-
-    def group_scale(self):
-        """sigma: the point estimate, or the posterior mean of q(sigma). Shape `(units,)`."""
-        if self.scale_prior is None:
-            return positive(self.group_scale_untransformed)
-        s = positive(self.log_group_scale_untransformed_scale)
-        return ops.exp(self.log_group_scale_loc + 0.5 * ops.square(s))
-
-    def inverse_prior_variance(self):
-        """E[1 / sigma^2]: exp(-2 mu + 2 s^2) under q(sigma) = LogNormal(mu, s)."""
-        if self.scale_prior is None:
-            return 1.0 / ops.square(positive(self.group_scale_untransformed))
-        s = positive(self.log_group_scale_untransformed_scale)
-        return ops.exp(-2.0 * self.log_group_scale_loc + 2.0 * ops.square(s))
 
     def _offset_kl(self, loc, scale):
         """KL(q(b[g]) || p(b[g] | sigma)), taking its expectation under q(sigma) if any.
@@ -520,9 +654,7 @@ class RandomIntercept(_GroupLayer):
 
     def _shared_offset_kl(self):
         """E[log sigma] - 1/2 (E[log sigma] = mu under q(sigma) = LogNormal(mu, s))."""
-        if self.scale_prior is None:
-            return ops.log(positive(self.group_scale_untransformed)) - 0.5
-        return self.log_group_scale_loc - 0.5
+        return self._expected_log_group_scale() - 0.5
 
     def _group_offset_kl(self, loc, scale):
         second_moment = ops.square(scale) + ops.square(loc)
@@ -539,12 +671,6 @@ class RandomIntercept(_GroupLayer):
         shared = ops.sum(self._shared_offset_kl())
         return self.total_count * self.units * ops.mean(entry_kl) + self.seen_groups * shared
 
-    def _hyperprior_kl(self):
-        if self.scale_prior is None:
-            return 0.0
-        s = positive(self.log_group_scale_untransformed_scale)
-        return ops.sum(self.scale_prior.kl_from_lognormal(self.log_group_scale_loc, s))
-
     def call(self, inputs, training=False):
         # Training steps check their ids too: `adapt` may have counted other ids than a
         # stream then feeds (and a GPU gather with a bad id returns zeros silently). The
@@ -557,30 +683,17 @@ class RandomIntercept(_GroupLayer):
         scale = positive(_gather_rows(self.offset_untransformed_scale, ids))
         counts = _gather_rows(self.group_counts, ids)
         if training:
-            self.add_loss(self._batch_offset_kl(loc, scale, counts) + self._hyperprior_kl())
+            self._add_kl_loss(self._batch_offset_kl(loc, scale, counts))
             noise = row_noise(ops.shape(loc), self.seed_generator)
             return loc + scale * noise
         all_kl = ops.sum(
             self._offset_kl(self.offset_loc, positive(self.offset_untransformed_scale)), axis=-1
         )
-        seen = self.group_counts > 0
-        self.add_loss(ops.sum(ops.where(seen, all_kl, 0.0)) + self._hyperprior_kl())
+        self._add_kl_loss(self._trained_groups_sum(all_kl))
         return ops.where(ops.expand_dims(counts > 0, -1), loc, 0.0)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.units)
-
-    def sample_group_scale(self, num_samples: int, seed=None):
-        """`num_samples` draws of sigma from q(sigma): `(num_samples, units)`.
-
-        Without a hyperprior sigma is a point estimate and every draw equals it.
-        """
-        if self.scale_prior is None:
-            sigma = positive(self.group_scale_untransformed)
-            return ops.broadcast_to(sigma, (num_samples, self.units))
-        s = positive(self.log_group_scale_untransformed_scale)
-        noise = keras.random.normal((num_samples, self.units), seed=seed)
-        return ops.exp(self.log_group_scale_loc + s * noise)
 
     def sample_posterior(self, inputs, num_samples: int, seed=None):
         """b[g] under `num_samples` draws from q: `(num_samples, batch, units)`.
@@ -589,15 +702,14 @@ class RandomIntercept(_GroupLayer):
         draws its offset from the prior Normal(0, sigma), with sigma drawn from q(sigma)
         under a hyperprior. `seed` is an int, a `keras.random.SeedGenerator` or None.
         """
-        if not isinstance(seed, keras.random.SeedGenerator):
-            seed = keras.random.SeedGenerator(seed)  # two draws below must differ
+        seed = _seed_generator(seed)  # two draws below must differ
         ids = self._checked_ids(inputs)
-        groups, row_group = tf.unique(ids)
-        seen = ops.expand_dims(ops.take(self.group_counts, groups, axis=0) > 0, -1)
-        loc = ops.where(seen, ops.take(self.offset_loc, groups, axis=0), 0.0)
-        posterior_scale = positive(ops.take(self.offset_untransformed_scale, groups, axis=0))
+        row_group, seen, loc, untransformed_scale = self._batch_groups(ids)
         sigma = ops.expand_dims(self.sample_group_scale(num_samples, seed), 1)
-        scale = ops.where(seen, posterior_scale, sigma)  # (num_samples, groups, units)
+        seen = ops.expand_dims(seen, -1)
+        scale = ops.where(
+            seen, positive(untransformed_scale), sigma
+        )  # (num_samples, groups, units)
         noise = keras.random.normal(ops.shape(scale), seed=seed)
         return ops.take(loc + scale * noise, row_group, axis=1)
 
@@ -610,13 +722,7 @@ class RandomIntercept(_GroupLayer):
         sigma = self.group_scale()
         loc = ops.where(seen, self.offset_loc, 0.0)
         scale = ops.where(seen, positive(self.offset_untransformed_scale), sigma)
-        if self.scale_prior is None:
-            group_scale = tfd.Deterministic(sigma)
-        else:
-            group_scale = tfd.LogNormal(
-                self.log_group_scale_loc, positive(self.log_group_scale_untransformed_scale)
-            )
-        return {"offset": tfd.Normal(loc, scale), "group_scale": group_scale}
+        return {"offset": tfd.Normal(loc, scale), "group_scale": self._group_scale_posterior()}
 
     def set_posterior(self, mean, sd):
         """Sets q(b[g]) = Normal(mean[g], sd[g]) (arrays of shape `(num_groups, units)`)."""
@@ -628,26 +734,9 @@ class RandomIntercept(_GroupLayer):
 
     def set_group_scale(self, sigma):
         """Sets the point estimate of sigma (`(units,)`); needs `scale_prior=None`."""
-        if self.scale_prior is not None:
-            raise ValueError(
-                f"RandomIntercept '{self.name}' has a hyperprior on sigma; its q(sigma) is "
-                "trained, not set"
-            )
+        self._check_point_group_scale()
         self.group_scale_untransformed.assign(
             np.reshape(inverse_softplus(sigma), (self.units,)).astype("float32")
-        )
-
-    def set_group_scale_posterior(self, loc, scale):
-        """Sets q(sigma) = LogNormal(loc, scale) (arrays of shape `(units,)`); needs a
-        `scale_prior`."""
-        if self.scale_prior is None:
-            raise ValueError(
-                f"RandomIntercept '{self.name}' has no hyperprior; its sigma is a point "
-                "estimate (`set_group_scale`)"
-            )
-        self.log_group_scale_loc.assign(np.reshape(loc, (self.units,)).astype("float32"))
-        self.log_group_scale_untransformed_scale.assign(
-            np.reshape(inverse_softplus(scale), (self.units,)).astype("float32")
         )
 
     def posterior_summary(self, level: float = 0.95) -> pd.DataFrame:
@@ -656,23 +745,12 @@ class RandomIntercept(_GroupLayer):
         frame = _summary_frame(
             ops.convert_to_numpy(offset.loc), ops.convert_to_numpy(offset.scale), level, "group"
         )
-        counts = ops.convert_to_numpy(self.group_counts).astype("int64")
-        frame["n"] = np.repeat(counts, self.units)
-        return frame
+        return self._add_count_column(frame)
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_groups=self.num_groups,
-            units=self.units,
-            scale_prior=(
-                None
-                if self.scale_prior is None
-                else keras.saving.serialize_keras_object(self.scale_prior)
-            ),
-            initial_group_scale=self.initial_group_scale,
-            initial_posterior_scale=self.initial_posterior_scale,
-            seed=self.seed,
+            num_groups=self.num_groups, units=self.units, **self._scale_config(), seed=self.seed
         )
         return config
 
@@ -800,6 +878,8 @@ class RandomEffects(_GroupLayer):
     units = 1
     """The width of the output (always 1), as the other variational layers name it."""
 
+    _point_setter = "set_covariance"
+
     def __init__(
         self,
         num_groups: int,
@@ -846,11 +926,11 @@ class RandomEffects(_GroupLayer):
                     f"Received: term_names={term_names}"
                 )
         self.term_names = term_names
-        self.scale_prior = get_scale_prior(scale_prior)
-        self.initial_group_scale = float(initial_group_scale)
-        self.initial_posterior_scale = float(initial_posterior_scale)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._set_scale_args(scale_prior, initial_group_scale, initial_posterior_scale, seed)
+
+    @property
+    def _num_coefficients(self):
+        return self.num_terms
 
     @property
     def _has_correlation(self) -> bool:
@@ -899,22 +979,7 @@ class RandomEffects(_GroupLayer):
             shape=(self.num_groups, num_terms * (num_terms + 1) // 2),
             initializer=keras.initializers.Constant(_pack_scale_tril(np.diag(initial_scale))),
         )
-        if self.scale_prior is None:
-            self.group_scale_untransformed = self.add_weight(
-                name="group_scale_untransformed",
-                shape=(num_terms,),
-                initializer=keras.initializers.Constant(inverse_softplus(self.initial_group_scale)),
-            )
-        else:
-            self.log_group_scale_loc, self.log_group_scale_untransformed_scale = (
-                add_normal_posterior(
-                    self,
-                    "log_group_scale",
-                    (num_terms,),
-                    keras.initializers.Constant(np.log(self.initial_group_scale)),
-                    0.1,
-                )
-            )
+        self._add_group_scale()
         if self._has_correlation:
             self.correlation_untransformed = self.add_weight(
                 name="correlation_untransformed",
@@ -923,14 +988,7 @@ class RandomEffects(_GroupLayer):
             )
         self._add_group_counts()
 
-    # Prior: sigma, R, Sigma.
-
-    def group_scale(self):
-        """sigma: the point estimate, or the posterior mean of q(sigma). Shape `(num_terms,)`."""
-        if self.scale_prior is None:
-            return positive(self.group_scale_untransformed)
-        s = positive(self.log_group_scale_untransformed_scale)
-        return ops.exp(self.log_group_scale_loc + 0.5 * ops.square(s))
+    # Prior: R, Sigma (sigma is `_GroupLayer`'s).
 
     def _correlation_cholesky(self):
         if not self._has_correlation:
@@ -964,25 +1022,18 @@ class RandomEffects(_GroupLayer):
             self._correlation_cholesky(), ops.eye(self.num_terms), lower=True
         )
         correlation_inverse = ops.matmul(ops.transpose(chol_inverse), chol_inverse)
-        if self.scale_prior is None:
-            inverse_sigma = 1.0 / positive(self.group_scale_untransformed)
-            return correlation_inverse * ops.outer(inverse_sigma, inverse_sigma)
-        mu = self.log_group_scale_loc
-        s2 = ops.square(positive(self.log_group_scale_untransformed_scale))
-        half = ops.exp(-mu + 0.5 * s2)
-        moments = tf.linalg.set_diag(ops.outer(half, half), ops.exp(-2.0 * mu + 2.0 * s2))
+        inverse_sigma = self._expected_inverse_group_scale()
+        moments = ops.outer(inverse_sigma, inverse_sigma)
+        if self.scale_prior is not None:  # E[1 / sigma_j^2] is not E[1 / sigma_j]^2
+            moments = tf.linalg.set_diag(moments, self.inverse_prior_variance())
         return correlation_inverse * moments
 
     # KL.
 
     def _shared_offset_kl(self):
         """E[log det Sigma] / 2 - num_terms / 2 (E[log sigma_j] = mu_j under a hyperprior)."""
-        if self.scale_prior is None:
-            log_sigma = ops.log(positive(self.group_scale_untransformed))
-        else:
-            log_sigma = self.log_group_scale_loc
         half_log_det_r = ops.sum(ops.log(tf.linalg.diag_part(self._correlation_cholesky())))
-        return ops.sum(log_sigma) + half_log_det_r - 0.5 * self.num_terms
+        return ops.sum(self._expected_log_group_scale()) + half_log_det_r - 0.5 * self.num_terms
 
     def _group_offset_kl(self, loc, scale_tril, precision):
         """[m' P m + tr(P S S')] / 2 - log det S, one per row of `loc` `(rows, num_terms)`."""
@@ -1001,12 +1052,6 @@ class RandomEffects(_GroupLayer):
         precision = self._expected_precision()
         row_kl = self._group_offset_kl(loc, scale_tril, precision) / ops.maximum(counts, 1.0)
         return self.total_count * ops.mean(row_kl) + self.seen_groups * self._shared_offset_kl()
-
-    def _hyperprior_kl(self):
-        if self.scale_prior is None:
-            return 0.0
-        s = positive(self.log_group_scale_untransformed_scale)
-        return ops.sum(self.scale_prior.kl_from_lognormal(self.log_group_scale_loc, s))
 
     # Forward pass.
 
@@ -1027,13 +1072,12 @@ class RandomEffects(_GroupLayer):
         counts = _gather_rows(self.group_counts, ids)
         if training:
             scale_tril = _scale_tril(_gather_rows(self.offset_untransformed_scale, ids))
-            self.add_loss(self._batch_offset_kl(loc, scale_tril, counts) + self._hyperprior_kl())
+            self._add_kl_loss(self._batch_offset_kl(loc, scale_tril, counts))
             noise = row_noise(ops.shape(loc), self.seed_generator)
             coefficients = loc + ops.einsum("bjk,bk->bj", scale_tril, noise)
             return ops.sum(terms * coefficients, axis=-1, keepdims=True)
         all_kl = self._offset_kl(self.offset_loc, _scale_tril(self.offset_untransformed_scale))
-        seen = self.group_counts > 0
-        self.add_loss(ops.sum(ops.where(seen, all_kl, 0.0)) + self._hyperprior_kl())
+        self._add_kl_loss(self._trained_groups_sum(all_kl))
         mean = ops.sum(terms * loc, axis=-1, keepdims=True)
         return ops.where(ops.expand_dims(counts > 0, -1), mean, 0.0)
 
@@ -1042,18 +1086,6 @@ class RandomEffects(_GroupLayer):
 
     # Posterior.
 
-    def sample_group_scale(self, num_samples: int, seed=None):
-        """`num_samples` draws of sigma from q(sigma): `(num_samples, num_terms)`.
-
-        Without a hyperprior sigma is a point estimate and every draw equals it.
-        """
-        if self.scale_prior is None:
-            sigma = positive(self.group_scale_untransformed)
-            return ops.broadcast_to(sigma, (num_samples, self.num_terms))
-        s = positive(self.log_group_scale_untransformed_scale)
-        noise = keras.random.normal((num_samples, self.num_terms), seed=seed)
-        return ops.exp(self.log_group_scale_loc + s * noise)
-
     def sample_posterior(self, inputs, num_samples: int, seed=None):
         """t_i . b[g_i] under `num_samples` draws from q: `(num_samples, batch, 1)`.
 
@@ -1061,15 +1093,12 @@ class RandomEffects(_GroupLayer):
         b[g] from the prior MVN(0, Sigma), with sigma drawn from q(sigma) under a hyperprior.
         `seed` is an int, a `keras.random.SeedGenerator` or None.
         """
-        if not isinstance(seed, keras.random.SeedGenerator):
-            seed = keras.random.SeedGenerator(seed)  # two draws below must differ
+        seed = _seed_generator(seed)  # two draws below must differ
         group_ids, z = self._split_inputs(inputs)
         ids = self._checked_ids(group_ids)
         terms = self._terms(z, ids)
-        groups, row_group = tf.unique(ids)
-        seen = ops.take(self.group_counts, groups, axis=0) > 0
-        loc = ops.where(ops.expand_dims(seen, -1), ops.take(self.offset_loc, groups, axis=0), 0.0)
-        posterior_tril = _scale_tril(ops.take(self.offset_untransformed_scale, groups, axis=0))
+        row_group, seen, loc, untransformed_scale = self._batch_groups(ids)
+        posterior_tril = _scale_tril(untransformed_scale)
         prior_tril = self._prior_scale_tril(self.sample_group_scale(num_samples, seed))
         scale_tril = ops.where(
             ops.reshape(seen, (1, -1, 1, 1)),
@@ -1096,15 +1125,9 @@ class RandomEffects(_GroupLayer):
             _scale_tril(self.offset_untransformed_scale),
             self._prior_scale_tril(self.group_scale()),
         )
-        if self.scale_prior is None:
-            group_scale = tfd.Deterministic(self.group_scale())
-        else:
-            group_scale = tfd.LogNormal(
-                self.log_group_scale_loc, positive(self.log_group_scale_untransformed_scale)
-            )
         return {
             "offset": tfd.MultivariateNormalTriL(loc, scale_tril),
-            "group_scale": group_scale,
+            "group_scale": self._group_scale_posterior(),
             "correlation": tfd.Deterministic(self.correlation()),
         }
 
@@ -1129,11 +1152,7 @@ class RandomEffects(_GroupLayer):
         (-1, 1), and an R that is not positive definite is shrunk toward the identity until it
         is.
         """
-        if self.scale_prior is not None:
-            raise ValueError(
-                f"RandomEffects '{self.name}' has a hyperprior on sigma; its q(sigma) is "
-                "trained, not set (`set_group_scale_posterior`, `set_correlation`)"
-            )
+        self._check_point_group_scale(" (`set_group_scale_posterior`, `set_correlation`)")
         covariance = np.asarray(covariance, dtype="float64")
         size = self.num_terms
         if covariance.shape != (size, size) or not np.all(np.isfinite(covariance)):
@@ -1185,20 +1204,6 @@ class RandomEffects(_GroupLayer):
         raw = tfp.bijectors.CorrelationCholesky().inverse(tf.constant(chol))
         self.correlation_untransformed.assign(raw.numpy().astype("float32"))
 
-    def set_group_scale_posterior(self, loc, scale):
-        """Sets q(sigma) = LogNormal(loc, scale) (arrays of shape `(num_terms,)`); needs a
-        `scale_prior`."""
-        if self.scale_prior is None:
-            raise ValueError(
-                f"RandomEffects '{self.name}' has no hyperprior; its sigma is a point "
-                "estimate (`set_covariance`)"
-            )
-        shape = (self.num_terms,)
-        self.log_group_scale_loc.assign(np.reshape(loc, shape).astype("float32"))
-        self.log_group_scale_untransformed_scale.assign(
-            np.reshape(inverse_softplus(scale), shape).astype("float32")
-        )
-
     def _term_labels(self) -> list:
         if self.term_names is not None:
             return list(self.term_names)
@@ -1215,7 +1220,6 @@ class RandomEffects(_GroupLayer):
         scale_tril = ops.convert_to_numpy(offset.scale.to_dense())
         sd = np.sqrt(np.sum(np.square(scale_tril.astype("float64")), axis=-1))
         stats = normal_summary(mean, sd, level)
-        counts = ops.convert_to_numpy(self.group_counts).astype("int64")
         frame = pd.DataFrame(
             {
                 "group": np.repeat(np.arange(self.num_groups), self.num_terms),
@@ -1223,8 +1227,7 @@ class RandomEffects(_GroupLayer):
                 **{key: value.reshape(-1) for key, value in stats.items()},
             }
         )
-        frame["n"] = np.repeat(counts, self.num_terms)
-        return frame
+        return self._add_count_column(frame)
 
     def get_config(self):
         config = super().get_config()
@@ -1233,13 +1236,7 @@ class RandomEffects(_GroupLayer):
             num_slopes=self.num_slopes,
             intercept=self.intercept,
             correlated=self.correlated,
-            scale_prior=(
-                None
-                if self.scale_prior is None
-                else keras.saving.serialize_keras_object(self.scale_prior)
-            ),
-            initial_group_scale=self.initial_group_scale,
-            initial_posterior_scale=self.initial_posterior_scale,
+            **self._scale_config(),
             term_names=self.term_names,
             seed=self.seed,
         )

@@ -86,17 +86,21 @@ def shrinkage(obj, X, y, factor=None, ax=None):
     return ax
 
 
-def group_effects(obj, factor=None, level: float = 0.95, ax=None):
+def group_effects(obj, factor=None, level: float = 0.95, ax=None, *, term=None):
     """Each group's offset with its central interval, ordered by posterior mean.
 
     Only groups seen in training are drawn (the others sit at the prior). Level labels are
-    written on the axis when there are at most 40 groups.
+    written on the axis when there are at most 40 groups. For a factor with random slopes,
+    `term` chooses the coefficient drawn: the intercept by default, or a slope column, whose
+    per-group offsets from the fixed slope are drawn (`inspection.group_effects(...,
+    term=term)`).
 
     Args:
         obj: a Keras model built from reffects layers, or a fitted `RandomEffectsRegressor`.
         factor: the grouping factor; None when there is only one.
         level: probability mass of the intervals.
         ax: the matplotlib Axes to draw on.
+        term: the term of a factor with random slopes; None: the first (the intercept).
 
     Returns:
         The Axes, holding one collection (the intervals) and two lines (the means, zero).
@@ -112,7 +116,7 @@ def group_effects(obj, factor=None, level: float = 0.95, ax=None):
         >>> plt.close(ax.figure)
     """
     ax = _axes(ax)
-    table = inspection.group_effects(obj, factor, level=level)
+    table = inspection.group_effects(obj, factor, level=level, term=term)
     key = inspection.factors(obj)[0] if factor is None else factor
     table = table[table["n"] > 0].sort_values("mean")
     position = np.arange(len(table))
@@ -124,8 +128,11 @@ def group_effects(obj, factor=None, level: float = 0.95, ax=None):
     else:
         ax.set_yticks([])
     ax.set_ylabel(f"{key} (ordered by posterior mean)")
-    ax.set_xlabel(f"group offset, posterior mean and {_percent(level)} interval")
-    ax.set_title(f"Group effects: {key} ({len(table)} groups)")
+    is_slope = term is not None and str(term) != inspection.INTERCEPT
+    what = f"offset of the slope of {term}" if is_slope else "group offset"
+    ax.set_xlabel(f"{what}, posterior mean and {_percent(level)} interval")
+    title = f"{key}, {term}" if is_slope else str(key)
+    ax.set_title(f"Group effects: {title} ({len(table)} groups)")
     return ax
 
 
@@ -195,8 +202,9 @@ def residuals(obj, X, y, bins: int = 40, ax=None):
     mae = float(np.mean(np.abs(values)))
     ax.hist(values, bins=bins, density=True, color="C0", alpha=0.6, label=f"MAE {mae:.3g}")
     components = inspection.variance_components(obj)
-    if inspection.RESIDUAL in components.index:
-        noise = float(components.loc[inspection.RESIDUAL, "sd"])
+    factor = components.index.get_level_values(0)  # (factor, term) with random slopes
+    if inspection.RESIDUAL in factor:
+        noise = float(components["sd"][factor == inspection.RESIDUAL].iloc[0])
         grid = np.linspace(values.min(), values.max(), 200)
         density = np.exp(-0.5 * (grid / noise) ** 2) / (noise * math.sqrt(2.0 * math.pi))
         ax.plot(grid, density, color="C3", label=f"Normal(0, {noise:.3g})")
@@ -219,6 +227,10 @@ def history(obj, ax=None):
     Returns:
         The Axes, holding one line per curve.
 
+    Raises:
+        ValueError: without a history, or with an empty one: an estimator without a
+            subnetwork runs no SGD unless `epochs` (or `early_stopping`) asks for it.
+
     Example:
         >>> import matplotlib.pyplot as plt
         >>> curves = {"loss": [1.0, 0.6], "nll": [0.9, 0.55], "kl": [0.1, 0.05]}
@@ -233,6 +245,13 @@ def history(obj, ax=None):
         raise ValueError(
             f"{type(obj).__name__} has no training history; fit it first or pass the "
             "History that `fit` returned."
+        )
+    if not curves:
+        raise ValueError(
+            f"no SGD ran: this {type(obj).__name__} has an empty training history (an "
+            "estimator without a subnetwork is solved exactly by its finish, so it runs no "
+            "SGD by default); pass epochs=... (e.g. epochs=20) to run the ELBO warm start and "
+            "record its curves."
         )
     labels = {"loss": "loss = -ELBO / N", "nll": "NLL", "kl": "KL / N"}
     for color, (name, label) in enumerate(labels.items()):

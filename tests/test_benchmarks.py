@@ -76,3 +76,13 @@ def test_finish_speed_smoke(capsys):
     _load("finish_speed").main(["--quick"])
     out = capsys.readouterr().out
     assert "estimator / plain" in out and "mixedlm.lmer (REML)" in out and "finish s" in out
+
+
+# Part 1 at 150 groups and part 2 at 3,000 rows with two epochs, both with mixedlm: about
+# 20 s on two cores.
+@pytest.mark.slow
+def test_random_slopes_smoke(capsys):
+    _load("random_slopes").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "corr (Intercept), x0" in out and "time / lmer" in out
+    assert "(a) reffects slopes + (64, 32)" in out and "LMMNN (published" in out

@@ -128,7 +128,7 @@ def test_unseen_labels_are_new_groups(small_fit):
     # A new group's predictive variance: the fixed part's (from the joint posterior's
     # covariance of [intercept_, *coef_] on the data's scale), the prior sigma_k^2 of its
     # offset (independent of the data) and the noise.
-    _, matrix, _ = est._data_scale()
+    _, matrix, _ = est.data_scale()
     covariance = matrix @ est.joint_posterior_.fixed_covariance() @ matrix.T
     design = np.column_stack([np.ones(3), new[["x0", "x1", "x2", "x3"]].to_numpy()])
     fixed_variance = np.einsum("ij,jk,ik->i", design, covariance, design)

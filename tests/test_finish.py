@@ -482,3 +482,36 @@ def test_slopes_laplace_kernel_matches_glmer(family):
     assert beta == pytest.approx(list(fit.fixef().values()), rel=RELATIVE)
     se = np.sqrt(np.diag(np.asarray(fit.vcov())))
     assert posterior.fixed_sd() == pytest.approx(se, rel=RELATIVE)
+
+
+def test_slopes_fit_reaches_an_interior_optimum_where_a_column_has_entries_below():
+    # LMMNN's longitudinal design (benchmarks/random_slopes.py part 2: 10,000 units, slopes
+    # in t and t^2 with variances 0.5, 5, 0.5). Searching Lambda's (1, 1) entry squared made
+    # the criterion's slope infinite at 0 (the entry below it is free, so the criterion is
+    # not even in it alone) and the search stalled there, 12 units of REML criterion above
+    # lmer's optimum with a gradient of 18. At an interior optimum the analytic gradient
+    # (checked against differences above) vanishes.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1.0, 1.0, (100_000, 10))
+    m = 1.0 + x.sum(axis=1)
+    units = np.repeat(
+        np.arange(10_000), rng.multinomial(100_000, (w := rng.poisson(3.0, 10_000) + 1.0) / w.sum())
+    )
+    sizes = np.bincount(units)
+    t = np.concatenate([np.arange(k) for k in sizes]) / (sizes.max() - 1)
+    sd = np.sqrt([0.5, 5.0, 0.5])
+    correlation = np.array([[1.0, 0.5, 0.5], [0.5, 1.0, 0.0], [0.5, 0.0, 1.0]])
+    b = rng.multivariate_normal(np.zeros(3), np.outer(sd, sd) * correlation, 10_000)
+    y = m * np.cos(m) + 2 * x[:, 0] * x[:, 1] + t + t**2 + rng.normal(0.0, 1.0, len(t))
+    y += b[units, 0] + b[units, 1] * t + b[units, 2] * t**2
+    design = np.column_stack([np.ones(len(t)), t, t**2])
+    system = LinearMixedSystem(
+        y, np.ones(len(t)), design, [units], [10_000], np.zeros(3), np.zeros(3), [design]
+    )
+    start = system.covariance_factors.theta([np.eye(3)])
+    theta, noise_scale = system.fit(start, 1.0)
+    lower = system.covariance_factors.matrices(theta)[0]
+    assert np.all(np.diag(lower) > 0.01)  # interior
+    _, gradient, _ = system.criterion(theta, noise_scale**2)
+    # the criterion is ~4e5 here; the stalled search left a gradient of 18
+    assert np.abs(gradient).max() < 0.05

@@ -73,7 +73,7 @@ def test_fixed_effects_of_an_estimator_are_on_the_data_scale(fitted):
     # By hand: [intercept_, *coef_] = shift + A [alpha, *beta] with coef_j = y_scale beta_j /
     # s_j and intercept = y_mean + y_scale (alpha - sum_j beta_j m_j / s_j), so its
     # covariance is A C A' with C the joint posterior's covariance of (alpha, beta).
-    _, matrix, _ = est._data_scale()
+    _, matrix, _ = est.data_scale()
     covariance = est.joint_posterior_.fixed_covariance()
     np.testing.assert_allclose(
         table["sd"], np.sqrt(np.diag(matrix @ covariance @ matrix.T)), rtol=1e-9

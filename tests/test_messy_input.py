@@ -19,6 +19,7 @@ import tensorflow as tf
 from sklearn.linear_model import LinearRegression
 
 from reffects import RandomEffectsClassifier, RandomEffectsRegressor
+from reffects.checks import hidden_layers
 from reffects.inspection import summary
 from reffects.layers import GlobalIntercept, RandomIntercept
 from reffects.training import ELBOModel, StopOnNonFiniteLoss
@@ -278,7 +279,7 @@ def test_hidden_units_may_be_one_int_and_is_kept_verbatim():
     X, y = _frame()
     est = RandomEffectsRegressor(group_cols=["g", "h"], hidden_units=4, **FAST).fit(X, y)
     assert est.get_params()["hidden_units"] == 4
-    assert est._hidden_layers() == (4,)
+    assert hidden_layers(est.hidden_units) == (4,)
     assert np.all(np.isfinite(est.predict(X)))
 
 

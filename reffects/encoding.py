@@ -1,0 +1,290 @@
+"""The estimators' encoding of X for the model, and the map from the model's scale back.
+
+The model sees standardised features (each column centred and scaled by its mean and sd in
+fit), one integer code per row and grouping factor (its label's position among the labels
+seen in fit; an unseen label gets the reserved last code, a new group) and, per factor with
+random slopes, the slope covariates. The estimators report every estimate on the data's
+scale through `DataScale` (intercept and fixed effects) and `factor_term_scale` (a
+factor's intercept and slopes).
+
+Example:
+    >>> features = np.array([[1.0], [3.0]])
+    >>> standardise(features, ["x"], "feature column")
+    (array([2.]), array([1.]))
+    >>> features[:, 0].tolist()
+    [-1.0, 1.0]
+    >>> levels = group_levels("g", np.array(["b", "a", "b"], dtype=object))
+    >>> group_codes("g", levels, np.array(["a", "c"], dtype=object), warn_unseen=False)
+    array([1, 2])
+"""
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from reffects.checks import FLOAT32_MAX
+
+_UNSEEN_WARNING_SHARE = 0.5
+"""Warn when more than this share of a factor's labels at predict were not seen in fit."""
+
+
+class EncodedData:
+    """Design pieces of X: standardised features and integer group codes per factor.
+
+    Example:
+        >>> data = EncodedData(np.zeros((2, 1), "float32"), [np.array([0, 1])])
+        >>> [part.shape for part in data.model_inputs()]
+        [(2, 1), (2,)]
+    """
+
+    def __init__(self, features, codes):
+        self.features = features
+        self.codes = codes
+
+    def model_inputs(self):
+        """The inputs of the model `build_mixed_model` builds: features (if any), codes."""
+        inputs = list(self.codes)
+        if self.features.shape[1]:
+            inputs.insert(0, self.features)
+        return inputs
+
+
+def standardise(values: np.ndarray, labels, kind: str):
+    """Centres and scales the float64 columns of `values` in place; returns (mean, scale).
+
+    Stable for any spread around any mean (1000 + 1e-7 z) and any magnitude (1e200 z,
+    1e-200 z): a column is constant only when all its values are equal (it becomes exact
+    zeros, scale 1); the mean is corrected by the mean of the column centred at it (what
+    rounding left); the sd is taken after centring, of the column divided by its largest
+    |value|, whose squares neither overflow nor underflow. The columns are then centred
+    and scaled by the returned mean and scale, exactly as `predict` does. A column whose
+    centred values float64 cannot hold is an error naming it (`labels[j]`, a `kind` such
+    as "feature column").
+
+    Example:
+        >>> values = np.array([[5.0], [5.0]])
+        >>> standardise(values, ["x"], "feature column"), values[:, 0].tolist()
+        ((array([5.]), array([1.])), [0.0, 0.0])
+    """
+    num_rows = len(values)
+    ones = np.ones(num_rows)
+    highest, lowest = values.max(axis=0), values.min(axis=0)
+    constant = highest == lowest
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = ones @ values / num_rows  # BLAS: several times faster than `mean(axis=0)`
+        for j in np.flatnonzero(~np.isfinite(mean)):  # the sum overflowed
+            peak = max(abs(highest[j]), abs(lowest[j]))
+            mean[j] = peak * np.mean(values[:, j] / peak)
+        mean = np.where(constant, lowest, mean + ones @ (values - mean) / num_rows)
+        peak = np.maximum(highest - mean, mean - lowest)  # largest |centred value|
+    bad = ~(np.isfinite(mean) & np.isfinite(peak))
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise ValueError(
+            f"{kind} {labels[j]!r} is too large to centre in float64 (values from "
+            f"{lowest[j]:.3g} to {highest[j]:.3g}; their differences must stay below "
+            f"{np.finfo('float64').max:.3g}); rescale it"
+        )
+    values -= mean
+    peak = np.where(constant, 1.0, peak)
+    normalised = values / peak
+    np.square(normalised, out=normalised)
+    scale = np.where(constant, 1.0, peak * np.sqrt(ones @ normalised / num_rows))
+    values /= scale
+    return mean, scale
+
+
+def model_features(features: np.ndarray, labels) -> np.ndarray:
+    """Standardised float64 features as the model's float32; a value float32 cannot hold
+    is an error naming its column (`labels[j]`).
+
+    Example:
+        >>> model_features(np.array([[0.5]]), ["x"]).dtype
+        dtype('float32')
+    """
+    result = features.astype("float32")
+    too_large = ~np.isfinite(result)
+    if too_large.any():
+        row, j = np.argwhere(too_large)[0]
+        raise ValueError(
+            f"feature column {labels[j]!r} at row {row} is "
+            f"{features[row, j]:.3g} standard deviations from its mean in fit, beyond "
+            f"the largest float32 ({FLOAT32_MAX:.4g}) the model computes in; "
+            "rescale the column"
+        )
+    return result
+
+
+def group_levels(col, values) -> pd.Index:
+    """The distinct labels of a group column, in order of first appearance.
+
+    Example:
+        >>> group_levels("g", np.array([3, 1, 3])).tolist()
+        [3, 1]
+    """
+    try:
+        return pd.Index(pd.unique(pd.Series(values)))
+    except TypeError:
+        raise _unhashable_label_error(col, values) from None
+
+
+def group_codes(col, levels: pd.Index, values, warn_unseen: bool) -> np.ndarray:
+    """Each row's position in `levels`; unseen labels get `len(levels)` (a new group).
+
+    With `warn_unseen`, warns when most rows' labels are unseen and they look like the
+    seen ones in another type (3 in fit, "3" now) or are of another kind altogether
+    (numbers in fit, strings now): then they are probably not new groups.
+
+    Example:
+        >>> group_codes("g", pd.Index([3, 1]), np.array([1, 1, 7]), warn_unseen=False)
+        array([1, 1, 2])
+    """
+    try:
+        codes = levels.get_indexer(values)
+    except TypeError:
+        raise _unhashable_label_error(col, values) from None
+    unseen = codes < 0
+    if warn_unseen and len(levels) and unseen.mean() > _UNSEEN_WARNING_SHARE:
+        _warn_if_label_types_differ(col, levels, pd.unique(pd.Series(values[unseen])), unseen)
+    return np.where(unseen, len(levels), codes).astype("int64")
+
+
+def _unhashable_label_error(col, values) -> ValueError:
+    for row, value in enumerate(values):
+        try:
+            hash(value)
+        except TypeError:
+            return ValueError(
+                f"group column {col!r} holds an unhashable label at row {row} "
+                f"({type(value).__name__} {value!r}); group labels must be scalars such as "
+                "strings or integers"
+            )
+    return ValueError(f"group column {col!r} holds labels that cannot be compared")
+
+
+def _label_kind(labels) -> str:
+    kind = pd.api.types.infer_dtype(labels, skipna=True)
+    if kind in ("integer", "floating", "mixed-integer-float", "decimal", "boolean"):
+        return "number"
+    if kind in ("string", "bytes"):
+        return "string"
+    return kind
+
+
+def _warn_if_label_types_differ(col, levels, new_labels, unseen):
+    sample = new_labels[:1000]
+    seen_text = {str(label) for label in levels[:100_000]}
+    looks_seen = any(str(label) in seen_text for label in sample)
+    if not looks_seen and _label_kind(levels) == _label_kind(sample):
+        return  # new groups of the same kind: what GroupKFold gives, nothing to warn about
+    warnings.warn(
+        f"{unseen.mean():.0%} of the rows of group column {col!r} have labels not seen in fit "
+        f"(e.g. {sample[0]!r} of type {type(sample[0]).__name__}; fit saw labels such as "
+        f"{levels[0]!r} of type {type(levels[0]).__name__}). They are predicted as new "
+        "groups (offset 0); check that the labels have the same type as in fit.",
+        UserWarning,
+        stacklevel=6,  # the caller of predict (through the estimator's _encode)
+    )
+
+
+def slope_shifts(random_slopes, correlated_slopes, feature_mean, feature_scale) -> list:
+    """Per factor, what the slope inputs add to the standardised features: nothing when
+    the terms are correlated (the fit does not depend on the origin), the features'
+    mean over sd when they are independent, so that independence holds at the data's
+    own origin, as lme4's `||` means it.
+
+    Example:
+        >>> shifts = slope_shifts([None, [0]], False, np.array([2.0]), np.array([4.0]))
+        >>> shifts[0], float(shifts[1][0])
+        (None, 0.5)
+    """
+    shifts = []
+    for positions in random_slopes:
+        if not positions or correlated_slopes:
+            shifts.append(None)
+            continue
+        shifts.append(list(feature_mean[positions] / feature_scale[positions]))
+    return shifts
+
+
+def slope_inputs(features, random_slopes, shifts) -> list:
+    """Per factor, its rows' slope covariates on the model's scale (float64), or None.
+
+    Example:
+        >>> slope_inputs(np.array([[1.0, 2.0]]), [[1], None], [[0.5], None])
+        [array([[2.5]]), None]
+    """
+    inputs = []
+    for positions, shift in zip(random_slopes, shifts):
+        if not positions:
+            inputs.append(None)
+            continue
+        z = features[:, positions].astype("float64")
+        inputs.append(z if shift is None else z + np.asarray(shift))
+    return inputs
+
+
+def factor_terms(slope_inputs) -> list:
+    """Per factor, its rows' term vectors `[1, z]` (None for a random intercept).
+
+    Example:
+        >>> factor_terms([np.array([[2.0]]), None])
+        [array([[1., 2.]]), None]
+    """
+    return [None if z is None else np.column_stack([np.ones(len(z)), z]) for z in slope_inputs]
+
+
+class DataScale(NamedTuple):
+    """The affine map from the model's standardised parameters to the data's scale.
+
+    `[intercept_, *coef_]` is `shift + matrix @ [alpha, *beta]` for the model's global
+    intercept alpha and fixed effects beta, and each group offset, sigma_k and the noise
+    scale is `response_scale` times the model's.
+    """
+
+    shift: np.ndarray
+    matrix: np.ndarray
+    response_scale: float
+
+    @classmethod
+    def from_standardisation(cls, y_mean, y_scale, feature_mean, feature_scale) -> "DataScale":
+        """The map of a model fitted to `(y - y_mean) / y_scale` and to features
+        standardised by `feature_mean` and `feature_scale`.
+
+        Example:
+            >>> scale = DataScale.from_standardisation(1.0, 2.0, np.array([3.0]), np.array([4.0]))
+            >>> scale.shift.tolist(), scale.matrix.tolist(), scale.response_scale
+            ([1.0, 0.0], [[2.0, -1.5], [0.0, 0.5]], 2.0)
+        """
+        ratio = y_scale / feature_scale
+        matrix = np.zeros((ratio.size + 1, ratio.size + 1))
+        matrix[0, 0] = y_scale
+        matrix[0, 1:] = -ratio * feature_mean
+        matrix[1:, 1:] = np.diag(ratio)
+        shift = np.zeros(ratio.size + 1)
+        shift[0] = y_mean
+        return cls(shift, matrix, y_scale)
+
+
+def factor_term_scale(
+    slope_positions, correlated_slopes, feature_mean, feature_scale
+) -> np.ndarray:
+    """The map A from a factor's coefficients on the model's scale to the data's, less
+    the response scale: a group's `[intercept, *slopes]` on the data's scale is
+    `response_scale * A` times the model's. `slope_positions` are the positions of the
+    factor's slope columns among the features (None for a random intercept alone).
+
+    Example:
+        >>> factor_term_scale([0], True, np.array([3.0]), np.array([4.0])).tolist()
+        [[1.0, -0.75], [0.0, 0.25]]
+    """
+    positions = slope_positions or []
+    matrix = np.eye(1 + len(positions))
+    if positions:
+        scale = feature_scale[positions]
+        matrix[1:, 1:] = np.diag(1.0 / scale)
+        if correlated_slopes:  # centred slopes move the intercept
+            matrix[0, 1:] = -feature_mean[positions] / scale
+    return matrix
