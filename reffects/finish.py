@@ -47,7 +47,9 @@ MAX_DENSE_LEVELS = 4000
 """The largest Schur complement (levels of every factor but the largest, plus the fixed
 effects) factored dense."""
 
-_TOLERANCE = 1e-10
+_RIDGE_TOLERANCE = 1e-7
+"""Relative change of s^2 at which the prior's ridge s^2 P0 is taken as settled: beta's weak
+prior moves the estimates by ~1e-4, so a 1e-7 change in its ridge moves them by ~1e-11."""
 _DENSE_CROSS_COLUMNS = 256
 _CLASS_GRAM_ENTRIES = 4_000_000  # per-weight sums kept up to 32 MB
 _SMALLEST_THETA = 1e-5
@@ -249,7 +251,7 @@ class _FirstFactorSums:
         inactive = self.num_groups - self.num_active
         diagonal = self._count() @ (t_squared * self.weight + 1.0) ** -1.0 + inactive
         second = _lambda_products(lam)[2](sums["gram"])[columns, columns]
-        return np.array([[diagonal + t_squared * np.sum(inverse * second)]])
+        return np.array([[diagonal + t_squared * inverse.inner(second)]])
 
 
 class _FirstFactorBlocks:
@@ -309,7 +311,7 @@ class _FirstFactorBlocks:
         scaled = self.dense_cross @ (lam.toarray() if sparse.issparse(lam) else np.diag(lam))
         coupled = (blocks_inverse @ factor.T @ scaled)[:, :, columns]  # P_g, (G, d, m')
         rows = self.num_groups * self.d
-        product = (coupled.reshape(rows, -1) @ inverse).reshape(coupled.shape)
+        product = (coupled.reshape(rows, -1) @ inverse.full()).reshape(coupled.shape)
         return blocks_inverse.sum(axis=0) + np.einsum("gim,gjm->ij", product, coupled)
 
     def offsets(self, factor, v):
@@ -330,12 +332,37 @@ def _block_diagonal(blocks):
 def _cholesky_inverse(factor):
     """S^-1 from S's lower Cholesky factor (LAPACK's potri: a third of the work of inverting
     the factor and multiplying)."""
-    if len(factor) == 0:
-        return np.zeros((0, 0))
-    lower, info = linalg.lapack.dpotri(factor, lower=1)
-    if info:
-        raise linalg.LinAlgError(f"potri failed with info={info}")
-    return np.tril(lower) + np.tril(lower, -1).T
+    return _SymmetricInverse(factor).full()
+
+
+class _SymmetricInverse:
+    """S^-1 from S's lower Cholesky factor, kept as its lower triangle: what the gradient
+    reads (a diagonal, an inner product with a symmetric matrix) needs no full copy."""
+
+    def __init__(self, factor):
+        if len(factor) == 0:
+            self.lower = np.zeros((0, 0))
+            return
+        lower, info = linalg.lapack.dpotri(factor, lower=1)
+        if info:
+            raise linalg.LinAlgError(f"potri failed with info={info}")
+        self.lower = np.tril(lower)
+
+    def diagonal(self):
+        return np.diag(self.lower)
+
+    def full(self):
+        return self.lower + np.tril(self.lower, -1).T
+
+    def block(self, columns):
+        """The symmetric block over `columns` (a slice)."""
+        part = self.lower[columns, columns]
+        return part + np.tril(part, -1).T
+
+    def inner(self, symmetric):
+        """sum_ij (S^-1)_ij X_ij for a symmetric X."""
+        twice = 2.0 * np.sum(self.lower * symmetric)
+        return twice - float(np.diag(self.lower) @ np.diag(symmetric))
 
 
 def _lambda_products(lam):
@@ -585,13 +612,16 @@ class LinearMixedSystem:
             return None
         num_rest = self.num_rest_levels
         factor = pls["factor"] if reml else pls["factor"][:num_rest, :num_rest]
-        inverse = _cholesky_inverse(factor)  # the Schur complement's inverse
+        inverse = _SymmetricInverse(factor)  # the Schur complement's inverse
         inverse_blocks = [None] * len(self.num_levels)
         squares = [None] * len(self.num_levels)
         for k, columns in self.rest_layout.items():
             d, levels = self.num_terms[k], self.num_levels[k]
-            block = inverse[columns, columns].reshape(levels, d, levels, d)
-            inverse_blocks[k] = np.einsum("gigj->ij", block)
+            if d == 1:
+                inverse_blocks[k] = np.array([[inverse.diagonal()[columns].sum()]])
+            else:
+                block = inverse.block(columns).reshape(levels, d, levels, d)
+                inverse_blocks[k] = np.einsum("gigj->ij", block)
             u = pls["rest"][columns].reshape(levels, d)
             squares[k] = u.T @ u
         if self.first is not None:
@@ -644,7 +674,7 @@ class LinearMixedSystem:
             # The ridge moves with s^2 only where beta has a prior.
             converged = (
                 not self.prior_precision.any()
-                or abs(new_variance - variance) <= _TOLERANCE * variance
+                or abs(new_variance - variance) <= _RIDGE_TOLERANCE * variance
             )
             variance = new_variance
             if converged:
@@ -677,7 +707,7 @@ class LinearMixedSystem:
             method="L-BFGS-B",
             jac=True if analytic else "3-point",
             bounds=layout.bounds(mask),
-            options={"ftol": 1e-13, "gtol": 1e-9, "maxiter": 500},
+            options={"ftol": 1e-12, "gtol": 1e-8, "maxiter": 500},
         )
         theta = theta.copy()
         theta[mask] = layout.from_search(result.x, mask)
