@@ -4,6 +4,7 @@ import time
 
 import keras
 import numpy as np
+import pandas as pd
 
 from reffects import ELBOModel, FixedEffects, GlobalIntercept, RandomIntercept
 
@@ -156,3 +157,34 @@ def crossed_regression(num_rows, num_levels, num_features=2, seed=0):
         y += rng.normal(0.0, 0.7 / (k + 1), levels)[groups]
         ids.append(groups.astype("int64"))
     return features, ids, y.astype("float32")
+
+
+def dummies_and_continuous(num_train, num_test=None, nonlinear=False, seed=0):
+    """A table as data scientists have them: many sparse dummies, a few continuous columns.
+
+        d_j ~ Bernoulli(p_j), p_j ~ Uniform(0.02, 0.2), j < 40;  c_j ~ Normal(0, 1), j < 3
+        300 groups of lognormal size, b ~ Normal(0, 0.7^2), beta ~ Normal(0, 0.5^2)
+        y = 1 + d . beta_d + c . beta_c [+ sin(2 c0) + 0.5 c1 c2] + b[g] + Normal(0, 1)
+
+    Returns X (a DataFrame: c0..c2, d0..d39 and the group column g) and y for `num_train`
+    training rows, then the same for `num_test` test rows (default: as many).
+    """
+    num_test = num_train if num_test is None else num_test
+    rng = np.random.default_rng(seed)
+    num_rows = num_train + num_test
+    dummies = (rng.random((num_rows, 40)) < rng.uniform(0.02, 0.2, 40)).astype("float64")
+    continuous = rng.normal(size=(num_rows, 3))
+    weights = rng.lognormal(0.0, 1.0, 300)
+    groups = rng.choice(300, num_rows, p=weights / weights.sum())
+    y = (
+        1.0
+        + dummies @ rng.normal(0.0, 0.5, 40)
+        + continuous @ rng.normal(0.0, 0.5, 3)
+        + rng.normal(0.0, 0.7, 300)[groups]
+        + rng.normal(0.0, 1.0, num_rows)
+    )
+    if nonlinear:
+        y += np.sin(2.0 * continuous[:, 0]) + 0.5 * continuous[:, 1] * continuous[:, 2]
+    names = [f"c{j}" for j in range(3)] + [f"d{j}" for j in range(40)]
+    X = pd.DataFrame(np.column_stack([continuous, dummies]), columns=names).assign(g=groups)
+    return X[:num_train], y[:num_train], X[num_train:].reset_index(drop=True), y[num_train:]

@@ -5,7 +5,7 @@ from reffects import _startup  # noqa: F401
 from reffects.estimators import RandomEffectsClassifier, RandomEffectsRegressor
 from reffects.formula import from_formula
 from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
-from reffects.likelihoods import Bernoulli, Binomial, Gaussian, Poisson
+from reffects.likelihoods import Bernoulli, Binomial, Categorical, Gaussian, Poisson
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import Exponential, HalfNormal
 from reffects.streaming import count_groups
@@ -17,6 +17,7 @@ __all__ = [
     "RandomEffectsRegressor",
     "Bernoulli",
     "Binomial",
+    "Categorical",
     "Exponential",
     "FixedEffects",
     "Gaussian",

@@ -3,15 +3,21 @@
 Each check raises an error that names what is wrong and how to fix it, and returns what it
 checked in the form the estimators use: a seed, a tuple of layer widths, X as a DataFrame,
 the positions of the columns `group_cols`, `subnetwork_cols` and `random_slopes` name, the
-features as float64 and each group column's labels. scikit-learn's own checks
-(`validate_data`) stay in `reffects.estimators`.
+feature columns and each group column's labels. A feature column is numeric (missing values
+as NaN) or categorical (`is_categorical`); `reffects.encoding.FeatureCoding` turns them into
+the model's numeric columns. scikit-learn's own checks (`validate_data`) stay in
+`reffects.estimators`.
 
 Example:
     >>> import pandas as pd
-    >>> frame = as_frame(pd.DataFrame({"g": ["a", "b"], "x": [1.0, 2.0]}))
+    >>> frame = as_frame(pd.DataFrame({"g": ["a", "b"], "x": [1.0, None], "c": ["u", "v"]}))
     >>> columns = split_columns(frame, group_cols=["g"])
-    >>> columns.features.tolist(), columns.groups[0].tolist(), columns.feature_labels
-    ([[1.0], [2.0]], ['a', 'b'], ['x'])
+    >>> columns.groups[0].tolist(), columns.feature_labels
+    (['a', 'b'], ['x', 'c'])
+    >>> [is_categorical(label, column) for label, column in zip(["x", "c"], columns.features)]
+    [False, True]
+    >>> numeric_values("x", columns.features[0]).tolist()
+    [1.0, nan]
 """
 
 import numbers
@@ -192,25 +198,28 @@ class SplitColumns:
     """X split into its parts, as `split_columns` checked them.
 
     Attributes:
-        features: float64 array `(n, num_features)`, the non-group columns in order.
+        features: the feature columns (every non-group column), in order, as Series.
         groups: per grouping factor, its rows' labels.
         group_cols: the grouping factors as `group_cols` names them.
         feature_labels: the feature columns' names, as strings.
         subnetwork_features: positions in `features` of the subnetwork's columns, or None.
         random_slopes: per grouping factor, positions in `features` of its random slopes'
             columns, or None.
+        num_rows: X's number of rows.
     """
 
-    features: np.ndarray
+    features: list
     groups: list
     group_cols: list
     feature_labels: list
     subnetwork_features: list | None
     random_slopes: list
+    num_rows: int
 
 
 def split_columns(frame, group_cols, subnetwork_cols=None, random_slopes=None) -> SplitColumns:
-    """Splits the DataFrame X into checked features and group labels (see `SplitColumns`).
+    """Splits the DataFrame X into feature columns and checked group labels (see
+    `SplitColumns`); `reffects.encoding.FeatureCoding` checks and codes the features.
 
     Example:
         >>> frame = pd.DataFrame({"g": [1, 2], "x": [0.5, 1.5], "z": [3.0, 4.0]})
@@ -224,36 +233,145 @@ def split_columns(frame, group_cols, subnetwork_cols=None, random_slopes=None) -
     feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
     subnetwork = _subnetwork_positions(frame, subnetwork_cols, positions, feature_positions)
     slopes = _slope_positions(frame, random_slopes, cols, positions, feature_positions)
-    features = np.empty((frame.shape[0], len(feature_positions)))
-    for j, pos in enumerate(feature_positions):
-        column = frame.iloc[:, pos]
-        try:
-            features[:, j] = column.to_numpy(dtype="float64")
-        except (ValueError, TypeError) as error:
-            missing = np.asarray(pd.isna(column))
-            if missing.any():
-                raise ValueError(
-                    f"feature column {names[pos]!r} has a missing value at row "
-                    f"{int(np.argmax(missing))} (NaN, None or NA)"
-                ) from None
-            raise type(error)(
-                f"feature column {names[pos]!r} is not numeric ({error}); "
-                "list it in `group_cols` if it is a grouping factor"
-            ) from None
-        bad = ~np.isfinite(features[:, j])
-        if bad.any():
-            raise ValueError(
-                f"feature column {names[pos]!r} contains NaN or infinity "
-                f"(first at row {int(np.argmax(bad))})"
-            )
     return SplitColumns(
-        features=features,
+        features=[frame.iloc[:, pos] for pos in feature_positions],
         groups=groups,
         group_cols=cols,
         feature_labels=[names[pos] for pos in feature_positions],
         subnetwork_features=subnetwork,
         random_slopes=slopes,
+        num_rows=frame.shape[0],
     )
+
+
+_NUMBER_KINDS = ("integer", "floating", "mixed-integer-float", "decimal", "empty")
+"""What `pandas.api.types.infer_dtype` calls an object column of numbers (or of missing
+values only)."""
+_CATEGORY_KINDS = ("string", "bytes", "boolean")
+"""What it calls an object column of category labels: text, or True and False."""
+
+
+def is_categorical(label, column: pd.Series) -> bool:
+    """Whether a feature column is categorical: a `category` or string dtype, or objects
+    that are text (unless every one reads as a number, as numbers written as text do) or
+    True / False. Numbers of any dtype (numpy's bool and pandas's nullable ones included)
+    and objects that are numbers are numeric; anything else is an error naming the column.
+
+    Example:
+        >>> is_categorical("x", pd.Series(["1.5", "2"])), is_categorical("x", pd.Series(["a"]))
+        (False, True)
+    """
+    dtype = column.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        return True
+    if dtype.kind in "iufb":
+        return False
+    if isinstance(dtype, pd.StringDtype) or dtype.kind == "O":
+        kind = pd.api.types.infer_dtype(column, skipna=True)
+        if kind in _NUMBER_KINDS:
+            return False
+        if kind == "string":
+            return not _reads_as_numbers(column)
+        if kind in _CATEGORY_KINDS:
+            return True
+        return _kind_of_objects(label, column) == "label"
+    raise TypeError(
+        f"feature column {label!r} is not numeric (dtype {dtype}): feature columns hold "
+        "numbers or category labels (text, True/False or a category dtype); convert it, or "
+        "list it in `group_cols` if it is a grouping factor"
+    )
+
+
+def numeric_values(label, column: pd.Series) -> np.ndarray:
+    """A numeric feature column as float64, NaN where a value is missing (NaN, None, NA);
+    infinity or a value that is not a number is an error naming the column. The array may
+    be the column's own memory: read it, never write to it.
+
+    Example:
+        >>> numeric_values("x", pd.Series([1, None, pd.NA], dtype=object)).tolist()
+        [1.0, nan, nan]
+    """
+    try:
+        values = column.to_numpy(dtype="float64", na_value=np.nan)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"feature column {label!r} is numeric in fit but holds a value that is not a "
+            f"number now ({error}); pass the column's numbers"
+        ) from None
+    if np.isfinite(values).all():
+        return values
+    infinite = np.isinf(values)
+    if infinite.any():
+        raise ValueError(
+            f"feature column {label!r} contains infinity (first at row "
+            f"{int(np.argmax(infinite))}); a missing value may be NaN, None or NA"
+        )
+    return values
+
+
+def category_labels(label, column: pd.Series):
+    """A categorical feature column as `(codes, labels)`: each row's position in `labels`
+    (its distinct values, in order of appearance), -1 where it is missing.
+
+    Example:
+        >>> codes, labels = category_labels("c", pd.Series(["b", None, "a", "b"]))
+        >>> codes.tolist(), labels.tolist()
+        ([0, -1, 1, 0], ['b', 'a'])
+    """
+    try:
+        codes, labels = pd.factorize(column, use_na_sentinel=True)
+    except TypeError:
+        for row, value in enumerate(column):
+            try:
+                hash(value)
+            except TypeError:
+                raise ValueError(
+                    f"feature column {label!r} holds an unhashable value at row {row} "
+                    f"({type(value).__name__} {value!r}); category labels must be scalars "
+                    "such as strings"
+                ) from None
+        raise
+    return np.asarray(codes, dtype="int64"), pd.Index(np.asarray(labels, dtype=object))
+
+
+def _reads_as_numbers(column: pd.Series) -> bool:
+    try:
+        column.to_numpy(dtype="float64", na_value=np.nan)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _kind_of_objects(label, column) -> str:
+    """ "number" or "label" for an object column that infer_dtype does not name; an error
+    for one that mixes numbers with labels or holds anything else."""
+    values = column.to_numpy(dtype=object)
+    rows = np.flatnonzero(~np.asarray(pd.isna(values), dtype=bool))
+    kinds = [_value_kind(values[row]) for row in rows]
+    if "other" in kinds:
+        row = int(rows[kinds.index("other")])
+        raise TypeError(
+            f"feature column {label!r} holds a {type(values[row]).__name__} at row {row} "
+            f"({values[row]!r}): feature columns hold numbers or category labels; list it in "
+            "`group_cols` if it is a grouping factor"
+        )
+    if len(set(kinds)) <= 1:
+        return kinds[0] if kinds else "number"
+    other = next(i for i, kind in enumerate(kinds) if kind != kinds[0])
+    row = int(rows[other])
+    raise ValueError(
+        f"feature column {label!r} mixes numbers and category labels: {values[rows[0]]!r} "
+        f"at row {int(rows[0])} and {values[row]!r} at row {row}; make it all numbers, or all "
+        "labels (`.astype(str)`) to treat it as categorical"
+    )
+
+
+def _value_kind(value) -> str:
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        return "label"
+    if isinstance(value, numbers.Number) and not isinstance(value, complex):
+        return "number"
+    return "other"
 
 
 def check_sample_weight(sample_weight, num_rows):

@@ -18,13 +18,15 @@ Example:
     array([1, 2])
 """
 
+import os
+import sys
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from reffects.checks import FLOAT32_MAX
+from reffects.checks import FLOAT32_MAX, category_labels, is_categorical, numeric_values
 
 _UNSEEN_WARNING_SHARE = 0.5
 """Warn when more than this share of a factor's labels at predict were not seen in fit."""
@@ -51,7 +53,7 @@ class EncodedData:
         return inputs
 
 
-def standardise(values: np.ndarray, labels, kind: str):
+def standardise(values: np.ndarray, labels, kind: str, sample_weight=None):
     """Centres and scales the float64 columns of `values` in place; returns (mean, scale).
 
     Stable for any spread around any mean (1000 + 1e-7 z) and any magnitude (1e200 z,
@@ -63,21 +65,33 @@ def standardise(values: np.ndarray, labels, kind: str):
     centred values float64 cannot hold is an error naming it (`labels[j]`, a `kind` such
     as "feature column").
 
+    With `sample_weight` (frequency weights, not all zero), the mean and the sd are the
+    weighted ones, taken over the rows of positive weight, so that a row of weight 2 is
+    exactly two rows and a row of weight 0 none: the same standardisation as for the
+    repeated rows.
+
     Example:
         >>> values = np.array([[5.0], [5.0]])
         >>> standardise(values, ["x"], "feature column"), values[:, 0].tolist()
         ((array([5.]), array([1.])), [0.0, 0.0])
+        >>> values = np.array([[1.0], [4.0], [9.0]])
+        >>> standardise(values, ["x"], "feature column", sample_weight=np.array([2, 1, 0]))
+        (array([2.]), array([1.41421356]))
     """
-    num_rows = len(values)
-    ones = np.ones(num_rows)
-    highest, lowest = values.max(axis=0), values.min(axis=0)
+    if sample_weight is None or np.all(sample_weight == 1):
+        rows, weight = values, np.ones(len(values))
+    else:
+        weighted = np.asarray(sample_weight, dtype="float64") > 0
+        rows, weight = values[weighted], np.asarray(sample_weight, dtype="float64")[weighted]
+    total = weight.sum()
+    highest, lowest = rows.max(axis=0), rows.min(axis=0)
     constant = highest == lowest
     with np.errstate(over="ignore", invalid="ignore"):
-        mean = ones @ values / num_rows  # BLAS: several times faster than `mean(axis=0)`
+        mean = weight @ rows / total  # BLAS: several times faster than `mean(axis=0)`
         for j in np.flatnonzero(~np.isfinite(mean)):  # the sum overflowed
             peak = max(abs(highest[j]), abs(lowest[j]))
-            mean[j] = peak * np.mean(values[:, j] / peak)
-        mean = np.where(constant, lowest, mean + ones @ (values - mean) / num_rows)
+            mean[j] = peak * (weight @ (rows[:, j] / peak)) / total
+        mean = np.where(constant, lowest, mean + weight @ (rows - mean) / total)
         peak = np.maximum(highest - mean, mean - lowest)  # largest |centred value|
     bad = ~(np.isfinite(mean) & np.isfinite(peak))
     if bad.any():
@@ -88,12 +102,243 @@ def standardise(values: np.ndarray, labels, kind: str):
             f"{np.finfo('float64').max:.3g}); rescale it"
         )
     values -= mean
+    if rows is not values:  # the weighted rows: a copy of their own
+        rows -= mean
     peak = np.where(constant, 1.0, peak)
-    normalised = values / peak
+    normalised = rows / peak
     np.square(normalised, out=normalised)
-    scale = np.where(constant, 1.0, peak * np.sqrt(ones @ normalised / num_rows))
+    scale = np.where(constant, 1.0, peak * np.sqrt(weight @ normalised / total))
     values /= scale
     return mean, scale
+
+
+MISSING_SUFFIX = "[missing]"
+"""A missing-value indicator column is named `<column>[missing]`."""
+
+
+class _NumericColumn(NamedTuple):
+    """A numeric feature: its values, missing ones filled with `fill` (its mean in fit),
+    and, when it had missing values in fit, an indicator of them."""
+
+    label: str
+    fill: float
+    indicator: bool
+
+    def names(self) -> list:
+        return [self.label] + ([self.label + MISSING_SUFFIX] if self.indicator else [])
+
+
+class _CategoricalColumn(NamedTuple):
+    """A categorical feature: a treatment-coded dummy per level but the first (the
+    reference) and, when it had missing values in fit, an indicator of them (missing is a
+    category of its own)."""
+
+    label: str
+    levels: pd.Index
+    indicator: bool
+
+    def names(self) -> list:
+        dummies = [f"{self.label}[T.{level}]" for level in self.levels[1:]]
+        return dummies + ([self.label + MISSING_SUFFIX] if self.indicator else [])
+
+
+class FeatureCoding:
+    """How X's feature columns become the model's numeric columns; learned in fit.
+
+    - A numeric column stays one column. If it had missing values (NaN, None, NA) in fit,
+      they are filled with its mean (weighted by `sample_weight`) and a 0/1 column
+      `<col>[missing]` follows it, so the indicator's coefficient learns what the fill
+      misses, in the linear part and in a subnetwork alike.
+    - A categorical column (see `reffects.checks.is_categorical`) becomes treatment-coded
+      dummy columns `<col>[T.<level>]`, one per level seen in fit but the reference: the
+      first level in sorted order, or in a category dtype's order (formulaic's coding and
+      names, as `reffects.formula` uses). Missing values are a category of their own,
+      `<col>[missing]`. A column with a single level gives no column (a constant).
+
+    At predict time the same columns are made with fit's levels and fills. An unseen
+    level gives zeros for all of its column's dummies, and a missing value in a column that
+    had none in fit is filled (its mean; zeros for a categorical's dummies) without an
+    indicator: each with a warning naming the column. Levels and "had missing values"
+    count only rows of positive weight, as if a row of weight 0 were not there.
+
+    Attributes:
+        names: the model's column names, in order.
+        positions: per feature column of X, the positions of its model columns.
+        categorical: per feature column of X, whether it is categorical.
+
+    Example:
+        >>> frame = pd.DataFrame({"x": [1.0, None, 3.0], "c": ["b", "a", "b"]})
+        >>> coding = FeatureCoding.learn(["x", "c"], [frame["x"], frame["c"]])
+        >>> coding.names, coding.positions
+        (['x', 'x[missing]', 'c[T.b]'], [[0, 1], [2]])
+        >>> coding.encode([frame["x"], frame["c"]], num_rows=3).tolist()
+        [[1.0, 0.0, 1.0], [2.0, 1.0, 0.0], [3.0, 0.0, 1.0]]
+    """
+
+    def __init__(self, columns):
+        self.columns = columns
+        self.names, self.positions = [], []
+        for column in columns:
+            start = len(self.names)
+            self.names += column.names()
+            self.positions.append(list(range(start, len(self.names))))
+        self.categorical = [isinstance(c, _CategoricalColumn) for c in columns]
+
+    @classmethod
+    def learn(cls, labels, columns, sample_weight=None) -> "FeatureCoding":
+        """The coding of the feature `columns` (Series, named `labels`) seen in fit."""
+        weight = None if sample_weight is None else np.asarray(sample_weight, dtype="float64")
+        learned = []
+        for label, column in zip(labels, columns):
+            if is_categorical(label, column):
+                learned.append(_learn_categorical(label, column, weight))
+            else:
+                learned.append(_learn_numeric(label, numeric_values(label, column), weight))
+        return cls(learned)
+
+    def encode(self, columns, num_rows: int, warn: bool = False) -> np.ndarray:
+        """The model's columns (float64, before standardisation) for the feature `columns`
+        of `num_rows` rows; with `warn`, warns of unseen levels and of missing values fit
+        did not see."""
+        result = np.zeros((num_rows, len(self.names)))
+        for coding, column, positions in zip(self.columns, columns, self.positions):
+            if not positions:
+                continue  # a single level in fit: no column
+            out = result[:, positions[0] : positions[-1] + 1]  # a view: written in place
+            if isinstance(coding, _CategoricalColumn):
+                _encode_categorical(coding, column, out, warn)
+            else:
+                _encode_numeric(coding, column, out, warn)
+        return result
+
+    def expand(self, feature_positions) -> list | None:
+        """Positions of the model's columns of the given feature columns (None: None)."""
+        if feature_positions is None:
+            return None
+        return [p for j in feature_positions for p in self.positions[j]]
+
+    def slope_positions(self, group_col, feature_positions, labels) -> list | None:
+        """Positions of the model's columns of a factor's random slopes: each numeric
+        column's own (its filled values; not its missing indicator). A categorical slope
+        is an error that says how to get per-level slopes."""
+        if not feature_positions:
+            return None
+        for j in feature_positions:
+            if self.categorical[j]:
+                raise ValueError(
+                    f"random slope column {labels[j]!r} of {group_col!r} is categorical; "
+                    "slopes vary on numeric columns. For a slope per level, add its 0/1 "
+                    "dummy columns to X and list those"
+                )
+        return [self.positions[j][0] for j in feature_positions]
+
+
+def _learn_numeric(label, values, weight) -> _NumericColumn:
+    missing = np.isnan(values)
+    if weight is None:
+        indicator = bool(missing.any())
+        observed, observed_weight = (values[~missing] if indicator else values), None
+    else:
+        counted = weight > 0
+        indicator = bool((missing & counted).any())
+        present = ~missing & counted
+        observed, observed_weight = values[present], weight[present]
+    return _NumericColumn(label, _mean(observed, observed_weight), indicator)
+
+
+def _mean(values, weight) -> float:
+    """The (weighted) mean, stable for values near 1e308; 0 when there are none."""
+    if not len(values):
+        return 0.0
+
+    def average(v):
+        return np.mean(v) if weight is None else (weight @ v) / weight.sum()
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = average(values)
+    if np.isfinite(mean):
+        return float(mean)
+    peak = np.abs(values).max()  # the sum overflowed
+    return float(peak * average(values / peak))
+
+
+def _learn_categorical(label, column, weight) -> _CategoricalColumn:
+    codes, labels = category_labels(label, column)
+    present = codes >= 0
+    counts = np.bincount(
+        codes[present], None if weight is None else weight[present], minlength=len(labels)
+    )
+    seen = labels[counts > 0]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        present_levels = set(seen)
+        order = [c for c in column.cat.categories if c in present_levels]
+    else:
+        try:
+            order = sorted(seen)
+        except TypeError:  # labels of several types (text and True/False)
+            order = sorted(seen, key=lambda level: (type(level).__name__, str(level)))
+    missing = ~present if weight is None else ~present & (weight > 0)
+    return _CategoricalColumn(label, pd.Index(order, dtype=object), bool(missing.any()))
+
+
+def _encode_numeric(coding, column, out, warn):
+    values = numeric_values(coding.label, column)
+    missing = np.isnan(values)
+    if missing.any():
+        values = np.where(missing, coding.fill, values)  # never written: it may be X's
+        if coding.indicator:
+            out[:, 1] = missing
+        elif warn:
+            _warn(
+                f"feature column {coding.label!r} has {missing.sum()} missing value(s) (first "
+                f"at row {int(np.argmax(missing))}) but had none in fit; they are filled with "
+                f"its mean in fit ({coding.fill:.6g}), without a missing indicator"
+            )
+    out[:, 0] = values
+
+
+def _encode_categorical(coding, column, out, warn):
+    codes, labels = category_labels(coding.label, column)
+    level = coding.levels.get_indexer(labels)  # -1: not seen in fit
+    row_level = np.full(len(codes), -1)
+    row_level[codes >= 0] = level[codes[codes >= 0]]
+    dummies = max(len(coding.levels) - 1, 0)
+    rows = np.flatnonzero(row_level > 0)
+    out[rows, row_level[rows] - 1] = 1.0
+    missing = codes < 0
+    if coding.indicator:
+        out[:, dummies] = missing
+    elif warn and missing.any():
+        _warn(
+            f"feature column {coding.label!r} has {missing.sum()} missing value(s) (first at "
+            f"row {int(np.argmax(missing))}) but had none in fit; they are coded as the "
+            "reference level (zeros), without a missing indicator"
+        )
+    unseen = (codes >= 0) & (row_level < 0)
+    if warn and unseen.any():
+        new = labels[np.unique(codes[unseen])]
+        more = " ..." if len(new) > 5 else ""
+        _warn(
+            f"feature column {coding.label!r} has levels not seen in fit: "
+            f"{', '.join(map(repr, new[:5]))}{more} ({unseen.sum()} row(s), first at row "
+            f"{int(np.argmax(unseen))}); they are coded as zeros for every dummy of the "
+            "column, as the reference level is"
+        )
+
+
+def _warn(message):
+    warnings.warn(message, UserWarning, stacklevel=_caller_outside_package())
+
+
+def _caller_outside_package() -> int:
+    """The `stacklevel` of the first caller outside reffects (the user's `predict`)."""
+    frame, level = sys._getframe(2), 2  # 1: `_warn`'s caller; `_warn` itself is not counted
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRECTORY):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def model_features(features: np.ndarray, labels) -> np.ndarray:

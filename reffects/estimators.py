@@ -6,12 +6,13 @@ exactly (`reffects.finish`), then read the posteriors back on the data's scale (
 """
 
 import time
+import warnings
 
 import keras
 import numpy as np
 import pandas as pd
 from scipy import stats
-from scipy.special import expit
+from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
@@ -28,6 +29,7 @@ from reffects.checks import (
 from reffects.encoding import (
     DataScale,
     EncodedData,
+    FeatureCoding,
     factor_term_scale,
     factor_terms,
     group_codes,
@@ -39,17 +41,22 @@ from reffects.encoding import (
 )
 from reffects.finish import finish_gaussian, finish_glmm
 from reffects.layers import RandomIntercept
-from reffects.likelihoods import Bernoulli, Gaussian, Poisson, get_likelihood
-from reffects.models import mixed_model_layers
+from reffects.likelihoods import Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
+from reffects.models import build_mixed_model, mixed_model_layers
 from reffects.training import StopOnNonFiniteLoss, check_finite_parameters, predict_means
 from reffects.training_recipe import (
     INITIAL_NOISE_SCALE,
+    FitProbe,
     build_starting_model,
     check_finite_estimates,
+    choose_subnetwork_weight,
     default_schedule,
-    hold_out,
     raise_if_diverged,
     run_sgd,
+    subnetwork_columns,
+    subnetwork_output,
+    subnetwork_schedules,
+    validation_rows,
 )
 
 _FAMILIES = ("gaussian", "binomial", "poisson")
@@ -58,8 +65,17 @@ _ROWS_PER_DRAW_CHUNK = 2_000_000  # rows x draws per chunk of predictive draws
 
 _SHARED_PARAMETERS = """
     group_cols : list of column names (DataFrame) or integer positions (ndarray)
-        The grouping factors; every other column is a numeric fixed-effect feature.
+        The grouping factors; every other column is a fixed-effect feature.
         `()` leaves no grouping factor (a Bayesian generalised linear model).
+        A feature column may be categorical (a string, `category` or True/False object
+        column): it becomes treatment-coded dummies `col[T.level]` (reference: the first
+        level sorted, or in the category's order; a single level gives none; an unseen
+        level at predict gives zeros and a warning). A numeric feature may have missing
+        values (NaN, None, NA): they are filled with the column's mean in fit and a 0/1
+        column `col[missing]` is added (for a categorical column, missing is a level of its
+        own); at predict, a missing value in a column complete in fit is filled with a
+        warning. `feature_names_` lists the resulting columns. Missing values in y, in a
+        group column or in `sample_weight` are errors.
     random_slopes : dict or None
         Group column -> list of feature columns whose slopes vary by that factor's groups,
         as lme4's `(1 + x | g)`: `{"Subject": ["Days"]}`. The columns stay fixed effects
@@ -69,12 +85,27 @@ _SHARED_PARAMETERS = """
         True: each factor's intercept and slopes are correlated (lme4's `|`); False:
         independent (lme4's `||`, on the features' own origin).
     hidden_units : tuple of int
-        `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f.
+        `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f, guarded so
+        that it cannot make the fit worse than the mixed model: SGD trains on all but a
+        random `validation_fraction` of the rows (at the default schedule twice, with
+        batches of at most 256 and of at most 1,024 rows, `subnetwork_schedules`); the
+        exact finish fits the linear part on those rows with f held (keeping the model that
+        fits the held-out rows best) and without f, and f is weighted by the w in {0, 0.05,
+        ..., 1} whose predictions fit the held-out rows best (`subnetwork_weight_`; w = 0
+        is the mixed model); the finish then fits every row with w f held. Measured
+        (`benchmarks/subnetwork_guard.py`): on a linear truth with 40 sparse dummies, held-out
+        MSE equal to the mixed model's where the unguarded subnetwork's was 2.4 times it. With
+        more than two classes (no exact finish) f is trained by SGD alone, unguarded.
     subnetwork_cols : list of column names or positions, or None
-        The feature columns f sees, given as `group_cols` are; None: every non-group column.
-        x . beta always sees every non-group column. `subnetwork_cols`, `dropout` and
-        `l2_regularization` are ignored when `hidden_units=()` (so one grid can search
-        both), though still checked (`subnetwork_cols` against X).
+        The feature columns f sees, given as `group_cols` are. None: every non-group column
+        but categorical ones and essentially binary ones (two values fill at least 99% of
+        its rows: dummies, sparse word flags), which any function of one of them alone
+        treats linearly and on which a subnetwork overfits (all of them if none is left); a
+        column f sees brings its missing indicator.
+        x . beta always sees every non-group column. A listed column brings all of its
+        model columns (a categorical's dummies, a missing indicator). `subnetwork_cols`,
+        `dropout` and `l2_regularization` are ignored when `hidden_units=()` (so one grid
+        can search both), though still checked (`subnetwork_cols` against X).
     dropout : float in [0, 1)
         Dropout rate after each hidden layer of f (in training only).
     l2_regularization : float >= 0
@@ -84,7 +115,8 @@ _SHARED_PARAMETERS = """
         on each weight. For "gaussian" the loss is on standardised y over the noise variance
         s^2, so it acts as MLPRegressor(alpha=l2_regularization * s^2) on standardised y.
     epochs, batch_size : int or None
-        None chooses them from the data size (`default_schedule`).
+        None chooses them from the data size (`default_schedule`; with a subnetwork, both
+        None tries two schedules, see `hidden_units`).
     learning_rate : float
         Starting Adam learning rate; it decays to 1% of itself along a cosine.
     scale_prior : None, "exponential", "half_normal" or a ScalePrior
@@ -93,9 +125,13 @@ _SHARED_PARAMETERS = """
         Standard deviation of the Normal priors of alpha and beta (features are
         standardised, so beta's prior is per standard deviation of its feature).
     early_stopping : bool
-        Hold out `validation_fraction` of the rows and stop when the validation loss has not
-        improved for `n_iter_no_change` epochs, keeping the best weights.
+        Stop SGD when the loss on the held-out `validation_fraction` of the rows has not
+        improved for `n_iter_no_change` epochs, keeping the best weights; the exact finish
+        still fits every row.
     validation_fraction : float in (0, 1)
+        The share of the rows, drawn at random (seeded by `random_state`), that SGD does not
+        train on when there is a subnetwork or `early_stopping`: they stop SGD early and
+        choose the subnetwork's weight.
     n_iter_no_change : int
     random_state : int or None
         Seeds the initial weights, the shuffling, the training noise and the predictive
@@ -107,7 +143,11 @@ _SHARED_PARAMETERS = """
 _SHARED_ATTRIBUTES = """
     intercept_ : float
     coef_ : ndarray of shape (n_fixed_features,)
-        Posterior means of the linear fixed effects, in the order of the non-group columns.
+        Posterior means of the linear fixed effects, named by `feature_names_`.
+    feature_names_ : ndarray of str
+        The model's feature columns, in the order of `coef_`: X's non-group columns, a
+        categorical one as its dummies `col[T.level]`, a missing-value indicator
+        `col[missing]` after its column (see `group_cols`).
     variance_components_ : dict
         Group column -> sigma_k, the standard deviation of its offsets (of its random
         intercept, with random slopes).
@@ -121,6 +161,12 @@ _SHARED_ATTRIBUTES = """
     feature_names_in_, n_features_in_ : as in scikit-learn
     model_ : the fitted `ELBOModel`
     history_ : dict of per-epoch `loss`, `nll` and `kl` (and `val_*` with early stopping)
+    subnetwork_weight_ : float in [0, 1], or None without a subnetwork
+        The weight w on the subnetwork's output chosen on the held-out rows (see
+        `hidden_units`); 0: the subnetwork is left out and the fit is the mixed model's.
+    subnetwork_validation_nll_ : dict, or None without a subnetwork
+        Each candidate w -> mean negative log-likelihood of the held-out rows (a Gaussian's
+        at one noise scale, so it ranks w by squared error).
     fit_time_ : float, seconds
 """
 
@@ -144,22 +190,32 @@ class _MixedModelEstimator(BaseEstimator):
             self._fit_columns = list(frame.columns)
         else:
             frame = align_columns(frame, getattr(self, "_fit_columns", None))
-        columns = split_columns(frame, self.group_cols, self.subnetwork_cols, self.random_slopes)
-        if reset:
-            self._feature_labels = columns.feature_labels
-        return columns
+        return split_columns(frame, self.group_cols, self.subnetwork_cols, self.random_slopes)
 
-    def _encode(self, X, reset):
+    def _encode(self, X, reset, sample_weight=None):
+        """X as the model's inputs: the feature columns coded (`FeatureCoding`: dummies
+        for categorical columns, filled values and indicators for missing ones) and
+        standardised, and each factor's group codes. With `reset` (fit), the coding and
+        the standardisation are learned, weighted by `sample_weight` (checked weights)."""
         columns = self._split_columns(X, reset)
-        features, cols, groups = columns.features, columns.group_cols, columns.groups
-        # `features` is this method's own copy, standardised in place.
+        cols, groups = columns.group_cols, columns.groups
         if reset:
+            coding = FeatureCoding.learn(columns.feature_labels, columns.features, sample_weight)
+            self._feature_coding = coding
+            self._feature_labels = coding.names
+            self.feature_names_ = np.asarray(coding.names, dtype=object)
             self._group_keys = cols
-            self._subnetwork_features = columns.subnetwork_features
-            self._random_slopes = columns.random_slopes
+            self._subnetwork_features = coding.expand(columns.subnetwork_features)
+            self._random_slopes = [
+                coding.slope_positions(col, positions, columns.feature_labels)
+                for col, positions in zip(cols, columns.random_slopes)
+            ]
             self._levels = [group_levels(col, values) for col, values in zip(cols, groups)]
+        # `features` is this method's own array, standardised in place.
+        features = self._feature_coding.encode(columns.features, columns.num_rows, not reset)
+        if reset:
             self._feature_mean, self._feature_scale = standardise(
-                features, self._feature_labels, "feature column"
+                features, self._feature_labels, "feature column", sample_weight
             )
         else:
             features -= self._feature_mean
@@ -188,17 +244,27 @@ class _MixedModelEstimator(BaseEstimator):
 
     # ----------------------------------------------------------------------- fitting
     def _fit(self, X, y, sample_weight, callbacks):
-        """Validates, encodes, builds and trains the model; `y` is already 1-d."""
+        """Validates, encodes, builds and trains the model; `y` is already 1-d.
+
+        With a subnetwork (or `early_stopping`), SGD trains on all but a random
+        `validation_fraction` of the rows; the subnetwork's weight is chosen on those
+        rows (`_guard_subnetwork`), and the exact finish then runs on every row.
+        """
         start = time.perf_counter()
         self._seed = check_params(self)  # the fit's one seed, from random_state
-        validation = None
-        if self.early_stopping:
-            X, y, sample_weight, validation = hold_out(
-                X, y, sample_weight, self.validation_fraction, self._seed
+        every_weight = check_sample_weight(sample_weight, len(X))
+        every = self._encode(X, reset=True, sample_weight=every_weight)
+        likelihood, every_y = self._model_target(y, every_weight)
+        subnetwork = bool(self.hidden_units) and every.features.shape[1] > 0
+        if subnetwork and self.subnetwork_cols is None:
+            coding = self._feature_coding
+            self._subnetwork_features = subnetwork_columns(
+                every.features, coding.positions, coding.categorical
             )
-        data = self._encode(X, reset=True)
-        weights = check_sample_weight(sample_weight, len(data.features))
-        likelihood, model_y = self._model_target(y, weights)
+        held_out = None
+        if subnetwork or self.early_stopping:
+            held_out = validation_rows(len(every_y), self.validation_fraction, self._seed)
+        data, model_y, weights = _row_subset(every, every_y, every_weight, held_out, False)
 
         num_rows = len(model_y)
         # The finish solves a linear predictor's model in full, except q(sigma_k) of a
@@ -206,63 +272,79 @@ class _MixedModelEstimator(BaseEstimator):
         exact_finish = not self.hidden_units and (
             not isinstance(likelihood, Gaussian) or self.scale_prior is None
         )
-        batch_size, epochs = default_schedule(num_rows, exact_finish, bool(self.hidden_units))
-        batch_size = min(self.batch_size or batch_size, num_rows)
-        epochs = self.epochs or epochs
+        schedules = [default_schedule(num_rows, exact_finish, bool(self.hidden_units))]
+        if subnetwork and self.batch_size is None and self.epochs is None:
+            schedules = subnetwork_schedules(num_rows)
+        schedules = [(min(self.batch_size or b, num_rows), self.epochs or e) for b, e in schedules]
 
-        self.model_ = build_starting_model(
-            likelihood,
-            data,
-            model_y,
-            weights,
-            random_slopes=self._random_slopes,
-            num_groups=[len(levels) + 1 for levels in self._levels],
-            hidden_units=hidden_layers(self.hidden_units),
-            subnetwork_features=self._subnetwork_features,
-            dropout=self.dropout,
-            l2_regularization=self.l2_regularization,
-            prior_scale=self.prior_scale,
-            scale_prior=self.scale_prior,
-            seed=self._seed,
-            correlated_slopes=bool(self.correlated_slopes),
-            slope_shifts=self._slope_shifts(),
-        )
+        def starting_model():
+            return build_starting_model(
+                likelihood,
+                data,
+                model_y,
+                weights,
+                random_slopes=self._random_slopes,
+                num_groups=[len(levels) + 1 for levels in self._levels],
+                hidden_units=hidden_layers(self.hidden_units),
+                subnetwork_features=self._subnetwork_features,
+                dropout=self.dropout,
+                l2_regularization=self.l2_regularization,
+                prior_scale=self.prior_scale,
+                scale_prior=self.scale_prior,
+                seed=self._seed,
+                correlated_slopes=bool(self.correlated_slopes),
+                slope_shifts=self._slope_shifts(),
+            )
+
+        self.model_ = starting_model()
+        validation = None
+        if held_out is not None:
+            valid, valid_y, valid_weight = _row_subset(every, every_y, every_weight, held_out, True)
+            valid_weight = None if valid_weight is None else valid_weight.astype("float32")
+            validation = (valid.model_inputs(), valid_y, valid_weight)
         # Without a subnetwork the finish solves the model in full from any start (lme4's
         # REML, glmer's Laplace fit), so SGD runs only when asked for (`epochs` or
         # `early_stopping`); it costs seconds of Keras start-up and changes no estimate.
         history = {}
+        probe = None
+        if subnetwork:
+            probe = FitProbe(self.model_, data.model_inputs(), model_y, weights)
         if not exact_finish or self.epochs is not None or self.early_stopping:
-            history = run_sgd(
-                self.model_,
-                data.model_inputs(),
-                model_y,
-                weights,
-                batch_size=batch_size,
-                epochs=epochs,
-                learning_rate=self.learning_rate,
-                seed=self._seed,
-                callbacks=callbacks,
-                validation_data=(
-                    None if validation is None else self._validation_data(likelihood, *validation)
-                ),
-                n_iter_no_change=self.n_iter_no_change,
-                verbose=self.verbose,
-                check_subnetwork=bool(self.hidden_units),
+            trained = []
+            for batch_size, epochs in schedules:  # two for a subnetwork at the defaults
+                model = starting_model() if trained else self.model_
+                history = run_sgd(
+                    model,
+                    data.model_inputs(),
+                    model_y,
+                    weights,
+                    batch_size=batch_size,
+                    epochs=epochs,
+                    learning_rate=self.learning_rate,
+                    seed=self._seed,
+                    callbacks=callbacks,
+                    validation_data=validation if self.early_stopping else None,
+                    n_iter_no_change=self.n_iter_no_change,
+                    verbose=self.verbose,
+                )
+                divergence = probe.divergence(model, self.learning_rate) if probe else None
+                trained.append((model, history, divergence))
+            self.model_, history, _ = trained[0]
+        self.subnetwork_weight_ = self.subnetwork_validation_nll_ = None
+        if subnetwork:
+            history = self._guard_subnetwork(
+                likelihood, data, model_y, weights, validation, trained
             )
-        layers = mixed_model_layers(self.model_)
-        finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
-        options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
-        self.joint_posterior_ = finish(
-            self.model_,
-            layers.intercept,
-            list(zip(layers.factors, data.codes, self._slope_inputs(data))),
-            layers.fixed_effects,
-            data.features,
-            y=model_y,
-            # Without a subnetwork the predictor is the sum of the finished terms.
-            held=self._subnetwork_part(data) if self.hidden_units else 0.0,
-            sample_weight=weights,
-            **options,
+        if held_out is not None:
+            for layer, codes in zip(mixed_model_layers(self.model_).factors, every.codes):
+                layer.adapt(codes)  # the finish fits every row: each group's n counts them all
+            self.model_.training_size.assign(float(len(every_y)))
+        self._finish(
+            likelihood,
+            every,
+            every_y,
+            every_weight,
+            subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0,
         )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history
@@ -293,14 +375,60 @@ class _MixedModelEstimator(BaseEstimator):
         check_finite_estimates(estimates, self.learning_rate)
         return self
 
-    def _validation_data(self, likelihood, X, y, sample_weight):
-        """Keras's `validation_data` from the held-out rows, encoded as in fit."""
-        data = self._encode(X, reset=False)
-        target = likelihood.check_targets(np.asarray(y, dtype="float64"), sample_weight)
-        model_y = ((target - self._y_mean) / self._y_scale).astype("float32")
-        if sample_weight is None:
-            return data.model_inputs(), model_y
-        return data.model_inputs(), model_y, np.asarray(sample_weight, dtype="float32")
+    def _finish(self, likelihood, data, model_y, weights, held):
+        """The exact finish of `model_`'s linear part on `data`'s rows, `held` (a
+        subnetwork's output, or 0) held fixed; keeps the joint posterior as
+        `joint_posterior_`."""
+        layers = mixed_model_layers(self.model_)
+        finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
+        options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
+        self.joint_posterior_ = finish(
+            self.model_,
+            layers.intercept,
+            list(zip(layers.factors, data.codes, self._slope_inputs(data))),
+            layers.fixed_effects,
+            data.features,
+            y=model_y,
+            held=held,
+            sample_weight=weights,
+            **options,
+        )
+
+    def _guard_subnetwork(self, likelihood, data, model_y, weights, validation, trained):
+        """Keeps the best of the `trained` `(model, history, divergence)` (one per SGD
+        schedule) and the weight w in [0, 1] on its subnetwork's output f
+        (`subnetwork_weight_`), by the validation rows' NLL after exact finishes on the
+        other rows with f held and without it (`choose_subnetwork_weight`); w = 0 is the
+        linear mixed model. Warns when SGD made the subnetwork's fit far worse (a blow-up).
+        Returns the kept model's history."""
+
+        def finish(model):
+            self.model_ = model
+            self._finish(
+                likelihood, data, model_y, weights, subnetwork_output(model, data.model_inputs())
+            )
+
+        try:
+            index, weight, scores = choose_subnetwork_weight(
+                [model for model, _, _ in trained], finish, validation
+            )
+        except (ValueError, np.linalg.LinAlgError) as error:
+            # SGD left even the linear part where no exact finish exists: say why
+            divergences = [divergence for _, _, divergence in trained if divergence]
+            if divergences:
+                raise ValueError(divergences[0]) from error
+            raise
+        self.model_, history, divergence = trained[index]
+        self.subnetwork_weight_ = weight
+        self.subnetwork_validation_nll_ = scores
+        if divergence:
+            warnings.warn(
+                f"{divergence}; the subnetwork's weight chosen on the validation rows is "
+                f"subnetwork_weight_={weight:g} (0: the subnetwork is left out)",
+                UserWarning,
+                stacklevel=5,
+            )
+        return history
 
     # ----------------------------------------------------------------------- reading
     def data_scale(self) -> DataScale:
@@ -584,8 +712,9 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             likelihood = Gaussian(initial_noise_scale=INITIAL_NOISE_SCALE)
             # Stable for any magnitude (y * 1e200 included): centred, then scaled (1 for a
             # constant y); the model sees the standardised y, the estimates are mapped back.
+            # Weighted (frequency weights): a row of weight 2 is exactly two rows.
             standardised = target[:, None].copy()
-            mean, scale = standardise(standardised, ["y"], "target")
+            mean, scale = standardise(standardised, ["y"], "target", weights)
             self._y_mean, self._y_scale = float(mean[0]), float(scale[0])
             return likelihood, standardised[:, 0].astype("float32")
         likelihood = get_likelihood(self.family)
@@ -716,17 +845,41 @@ def _rows(values, rows):
     return None if values is None else values[rows]
 
 
+def _row_subset(data, model_y, weights, held_out, validation):
+    """The validation rows (`validation`) or the others of `EncodedData`, y and weights;
+    everything when `held_out` is None."""
+    if held_out is None:
+        return data, model_y, weights
+    rows = held_out if validation else ~held_out
+    subset = EncodedData(data.features[rows], [codes[rows] for codes in data.codes])
+    return subset, model_y[rows], _rows(weights, rows)
+
+
 class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     __doc__ = (
-        """A Bayesian logistic mixed model, or random-effects neural network, for two classes.
+        """A Bayesian logistic (or multinomial) mixed model, or random-effects neural network.
 
-        logit P(y = classes_[1]) = alpha + sum_k b_k[group_k] + x . beta + f(x)
-        b_k ~ Normal(0, sigma_k),   alpha ~ Normal(0, prior_scale),   beta ~ Normal(0, prior_scale)
+        two classes:   logit P(y = classes_[1]) = alpha + sum_k b_k[group_k] + x . beta + f(x)
+        K > 2 classes: P(y = classes_[c]) = softmax_c(eta_0, ..., eta_{K-1}),  eta_0 = 0,
+                       eta_c = alpha_c + sum_k b_k[group_k, c] + x . beta_c + f_c(x)
+        b_k[., c] ~ Normal(0, sigma_kc),   alpha ~ Normal(0, prior_scale),
+        beta ~ Normal(0, prior_scale)
 
-    Fitted by variational inference on the ELBO through Keras `fit` with a Bernoulli
-    likelihood, ending with glmer's Laplace fit of everything but a subnetwork and its
-    joint posterior (`reffects.finish`, kept as `joint_posterior_`). Labels may be any two
-    values (strings too); more than two classes is an error. Estimates are on the logit scale.
+    Two classes: fitted by variational inference on the ELBO through Keras `fit` with a
+    Bernoulli likelihood, ending with glmer's Laplace fit of everything but a subnetwork and
+    its joint posterior (`reffects.finish`, kept as `joint_posterior_`).
+
+    K > 2 classes: a multinomial logit model with `classes_[0]` as the reference class (its
+    eta is 0, which identifies the linear part); each grouping factor has one independent
+    random intercept per other class, each with its own sigma (a `RandomIntercept` with K - 1
+    units), and a subnetwork has K - 1 outputs. The exact finish has no multinomial kernel
+    (glmer has none), so the fit is SGD on the ELBO alone, always at the default schedule
+    (about 4,000 steps) unless `epochs` is given: the posterior is mean-field
+    (`joint_posterior_` is None) and the variance components are SGD's (their noise inflates
+    them by a few percent). `random_slopes` are not supported with K > 2.
+
+    Labels may be any values (strings too) that sort. Estimates are on the logit scale (log
+    odds against `classes_[0]` for K > 2).
 
     Parameters
     ----------"""
@@ -734,9 +887,26 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         + """
     Attributes
     ----------
-    classes_ : ndarray of the two labels, sorted"""
+    classes_ : ndarray of the labels, sorted"""
         + _SHARED_ATTRIBUTES
         + """
+    With K > 2 classes the per-class attributes follow scikit-learn's multinomial
+    `LogisticRegression` in shape, with the reference class's row at zero:
+
+    intercept_ : ndarray of shape (K,)
+        alpha_c, 0 for `classes_[0]`.
+    coef_ : ndarray of shape (K, n_fixed_features)
+        beta_c per row, zeros for `classes_[0]` (LogisticRegression centres its rows
+        instead; only differences between rows are identified, and they agree).
+    variance_components_ : dict
+        Group column -> Series of sigma_kc indexed by `classes_[1:]` (name "class").
+    random_effects_covariance_ : dict
+        Group column -> diagonal DataFrame of sigma_kc ** 2 over `classes_[1:]` (each
+        class's offsets are independent a priori).
+    random_effects_ : dict
+        Group column -> DataFrame indexed by level with `mean_<c>`, `sd_<c>`, `lower_<c>`,
+        `upper_<c>` per class c in `classes_[1:]` (the mean-field q's), and n.
+
     Examples
     --------
     >>> rng = np.random.default_rng(0)
@@ -746,8 +916,20 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     >>> clf = RandomEffectsClassifier(group_cols=["clinic"], random_state=0).fit(X, y)
     >>> clf.classes_.tolist(), clf.predict_proba(X.head(2)).shape
     (['sick', 'well'], (2, 2))
+
+    Three classes (SGD only; a short run here):
+
+    >>> y3 = np.where(X["x"] > 0.5, "sick", np.where(X["x"] < -0.5, "well", "unsure"))
+    >>> clf3 = RandomEffectsClassifier(group_cols=["clinic"], epochs=20, random_state=0)
+    >>> proba = clf3.fit(X, y3).predict_proba(X.head(2))
+    >>> clf3.classes_.tolist(), proba.shape, clf3.coef_.shape
+    (['sick', 'unsure', 'well'], (2, 3), (3, 1))
+    >>> clf3.variance_components_["clinic"].index.tolist()
+    ['unsure', 'well']
     """
     )
+
+    _INITIAL_GROUP_SCALE = 0.5  # K > 2: sigma_kc's start, as `reffects.training_recipe`'s
 
     def __init__(
         self,
@@ -794,7 +976,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         Parameters
         ----------
         X : DataFrame or array of shape (n_samples, n_columns)
-        y : array of shape (n_samples,), two distinct labels
+        y : array of shape (n_samples,), at least two distinct labels (K > 2: SGD only)
         sample_weight : array of shape (n_samples,) or None
             Frequency weights: a row of weight w counts as w identical rows, so the total
             weight is how much data the priors are weighed against. Weights that sum to 1
@@ -809,40 +991,196 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         y = _target_vector(self, y, X)
         check_classification_targets(y)
         classes = np.unique(y)
-        if len(classes) != 2:
-            kind = f"{len(classes)} classes" if len(classes) > 2 else "only 1 class"
+        if len(classes) < 2:
             raise ValueError(
-                "Only binary classification is supported: RandomEffectsClassifier is a "
-                f"Bernoulli model and needs exactly 2 classes in y; got {kind}: "
-                f"{classes.tolist()[:10]}"
+                "RandomEffectsClassifier needs at least 2 classes in y; got only 1 class: "
+                f"{classes.tolist()}"
             )
         self.classes_ = classes
         return self._fit_checked(X, y, sample_weight, callbacks)
 
     def _model_target(self, y, weights):
         self._y_mean, self._y_scale = 0.0, 1.0
-        return Bernoulli(), (np.asarray(y) == self.classes_[1]).astype("float32")
+        if len(self.classes_) == 2:
+            return Bernoulli(), (np.asarray(y) == self.classes_[1]).astype("float32")
+        codes = np.searchsorted(self.classes_, np.asarray(y))
+        one_hot = np.eye(len(self.classes_), dtype="float32")[codes]
+        return Categorical(num_classes=len(self.classes_)), one_hot
+
+    def _fit(self, X, y, sample_weight, callbacks):
+        if len(self.classes_) == 2:
+            return super()._fit(X, y, sample_weight, callbacks)
+        return self._fit_multinomial(X, y, sample_weight, callbacks)
+
+    def _fit_multinomial(self, X, y, sample_weight, callbacks):
+        """K > 2 classes: builds the multinomial model and trains it by SGD on the ELBO.
+
+        No exact finish exists for it, so SGD always runs (at the default schedule unless
+        `epochs` is given), and the posteriors are the mean-field q's.
+        """
+        start = time.perf_counter()
+        self._seed = check_params(self)
+        if self.random_slopes:
+            raise ValueError(
+                "`random_slopes` are not supported with more than two classes (the "
+                f"multinomial model has random intercepts only); y has {len(self.classes_)} "
+                f"classes. Received: random_slopes={self.random_slopes!r}"
+            )
+        weights = check_sample_weight(sample_weight, len(X))
+        data = self._encode(X, reset=True, sample_weight=weights)
+        likelihood, model_y = self._model_target(y, weights)
+        validation = None
+        if self.early_stopping:
+            data, model_y, weights, validation = self._split_validation(data, model_y, weights)
+        num_rows = len(model_y)
+        batch_size, epochs = default_schedule(num_rows, subnetwork=bool(self.hidden_units))
+        self.model_ = self._multinomial_starting_model(likelihood, data, model_y, weights)
+        history = run_sgd(
+            self.model_,
+            data.model_inputs(),
+            model_y,
+            weights,
+            batch_size=min(self.batch_size or batch_size, num_rows),
+            epochs=self.epochs or epochs,
+            learning_rate=self.learning_rate,
+            seed=self._seed,
+            callbacks=callbacks,
+            validation_data=validation,
+            n_iter_no_change=self.n_iter_no_change,
+            verbose=self.verbose,
+        )
+        self.joint_posterior_ = None
+        self.fit_time_ = time.perf_counter() - start
+        self.history_ = history
+        self._read_multinomial_posteriors()
+        return self
+
+    def _split_validation(self, data, model_y, weights):
+        """Holds out `validation_fraction` of the encoded rows (seeded): the training part
+        and Keras's `validation_data`."""
+        num_rows = len(model_y)
+        num_valid = int(round(self.validation_fraction * num_rows))
+        if num_valid < 1 or num_valid >= num_rows:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} leaves no training or no "
+                f"validation rows out of {num_rows}"
+            )
+        valid = np.zeros(num_rows, dtype=bool)
+        valid[np.random.default_rng(self._seed).permutation(num_rows)[:num_valid]] = True
+
+        def rows(mask):
+            part = EncodedData(data.features[mask], [codes[mask] for codes in data.codes])
+            part_weights = None if weights is None else weights[mask]
+            return part, model_y[mask], part_weights
+
+        train, (valid_data, valid_y, valid_weights) = rows(~valid), rows(valid)
+        validation = (valid_data.model_inputs(), valid_y)
+        if valid_weights is not None:
+            validation += (valid_weights.astype("float32"),)
+        return (*train, validation)
+
+    def _multinomial_starting_model(self, likelihood, data, model_y, weights):
+        """`build_mixed_model` with K - 1 outputs at the binary fit's kind of start: each
+        intercept at the log odds of its class's (weighted) share against `classes_[0]`'s,
+        each group's posterior sd at its Laplace value there."""
+        row_weights = np.ones(len(model_y)) if weights is None else weights
+        share = row_weights @ model_y.astype("float64") / max(float(np.sum(row_weights)), 1e-12)
+        share = np.maximum(share, 1e-3)
+        share /= share.sum()
+        model = build_mixed_model(
+            num_features=data.features.shape[1],
+            num_groups=[len(levels) + 1 for levels in self._levels],
+            hidden_units=hidden_layers(self.hidden_units),
+            subnetwork_features=self._subnetwork_features,
+            dropout=self.dropout,
+            l2_regularization=self.l2_regularization,
+            likelihood=likelihood,
+            intercept_init=np.log(share[1:] / share[0]),
+            prior_scale=self.prior_scale,
+            scale_prior=self.scale_prior,
+            initial_group_scale=self._INITIAL_GROUP_SCALE,
+            num_examples=len(model_y),
+            seed=self._seed,
+        )
+        information = row_weights[:, None] * share[1:] * (1.0 - share[1:])
+        for layer, codes in zip(mixed_model_layers(model).factors, data.codes):
+            layer.adapt(codes)
+            per_group = np.stack(
+                [np.bincount(codes, info, minlength=layer.num_groups) for info in information.T],
+                axis=1,
+            )
+            sd = 1.0 / np.sqrt(per_group + 1.0 / self._INITIAL_GROUP_SCALE**2)
+            layer.set_posterior(np.zeros_like(sd), sd)
+        return model
+
+    def _read_multinomial_posteriors(self):
+        """The fitted attributes of a K > 2 fit, from the layers' q, on the data's scale."""
+        layers = mixed_model_layers(self.model_)
+        shift, matrix, _ = self.data_scale()
+        others = self.classes_[1:]
+        alpha = keras.ops.convert_to_numpy(layers.intercept.intercept_loc)[None, :]
+        if layers.fixed_effects is not None:
+            beta = keras.ops.convert_to_numpy(layers.fixed_effects.kernel_loc)
+        else:
+            beta = np.zeros((0, len(others)))
+        fixed = shift[:, None] + matrix @ np.vstack([alpha, beta]).astype("float64")
+        self.intercept_ = np.concatenate([[0.0], fixed[0]])
+        self.coef_ = np.vstack([np.zeros((1, fixed.shape[0] - 1)), fixed[1:].T])
+        self.variance_components_ = {}
+        self.random_effects_covariance_ = {}
+        self.random_effects_ = {}
+        class_index = pd.Index(others, name="class")
+        for col, levels, layer in zip(self._group_keys, self._levels, layers.factors):
+            sigma = keras.ops.convert_to_numpy(layer.group_scale()).astype("float64")
+            self.variance_components_[col] = pd.Series(sigma, index=class_index, name="sd")
+            self.random_effects_covariance_[col] = pd.DataFrame(
+                np.diag(sigma**2), index=class_index, columns=class_index
+            )
+            posterior = layer.posterior()["offset"]
+            mean = keras.ops.convert_to_numpy(posterior.mean()).astype("float64")[: len(levels)]
+            sd = keras.ops.convert_to_numpy(posterior.stddev()).astype("float64")[: len(levels)]
+            half_width = stats.norm.ppf(0.975) * sd
+            table = pd.DataFrame(index=levels.rename(col))
+            for c, label in enumerate(others):
+                table[f"mean_{label}"] = mean[:, c]
+                table[f"sd_{label}"] = sd[:, c]
+                table[f"lower_{label}"] = mean[:, c] - half_width[:, c]
+                table[f"upper_{label}"] = mean[:, c] + half_width[:, c]
+            counts = keras.ops.convert_to_numpy(layer.group_counts).astype("int64")
+            table["n"] = counts[: len(levels)]
+            self.random_effects_[col] = table
+
+    def _multinomial_logits(self, X):
+        """(n, K) log odds against `classes_[0]` at the posterior means (first column 0)."""
+        data = self._encode(X, reset=False)
+        eta = predict_means(self.model_.network, data.model_inputs())
+        eta = eta.reshape(len(data.features), len(self.classes_) - 1)
+        return np.column_stack([np.zeros(len(eta)), eta])
 
     def predict_proba(self, X):
-        """Class probabilities at the posterior means: shape (n, 2), columns `classes_`."""
+        """Class probabilities at the posterior means: shape (n, K), columns `classes_`;
+        each row sums to 1 (K > 2: the softmax of `decision_function`, in float64)."""
         check_is_fitted(self, "model_")
+        if len(self.classes_) > 2:
+            return softmax(self._multinomial_logits(X), axis=1)
         p = self._posterior_mean_response(self._encode(X, reset=False))
         return np.column_stack([1.0 - p, p])
 
     def decision_function(self, X):
-        """The logit of P(y = classes_[1]) at the posterior means, shape (n,)."""
+        """At the posterior means: two classes, the logit of P(y = classes_[1]), shape (n,);
+        K > 2, the log odds of each class against `classes_[0]`, shape (n, K), first
+        column 0 (scikit-learn's multinomial convention: the largest is the prediction)."""
         check_is_fitted(self, "model_")
+        if len(self.classes_) > 2:
+            return self._multinomial_logits(X)
         return predict_means(self.model_.network, self._encode(X, reset=False).model_inputs())
 
     def predict(self, X):
-        """The more probable class of each row."""
+        """The most probable class of each row."""
         check_is_fitted(self, "model_")
+        if len(self.classes_) > 2:
+            return self.classes_[np.argmax(self._multinomial_logits(X), axis=1)]
         return self.classes_[(self.decision_function(X) > 0).astype(int)]
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_class = False
-        return tags
 
 
 def _target_vector(estimator, y, X):

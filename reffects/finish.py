@@ -841,7 +841,10 @@ class _GLMFamily:
                 + special.xlogy(1.0 - y, 1.0 - y)
                 - special.xlogy(1.0 - y, 1.0 - mean)
             )
-        return 2.0 * float(weights @ unit)
+        # a row without weight adds nothing, even where its unit deviance is not finite
+        # (y outside (0, 1) on a zero-weight row, or a mean that rounded to 0 or 1)
+        counted = weights > 0
+        return 2.0 * float(weights[counted] @ unit[counted])
 
 
 class GeneralizedMixedModel:

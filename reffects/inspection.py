@@ -20,6 +20,11 @@ estimator's are on the data's scale (the intercept at the slope columns' zero, a
 
 For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
 `variance_components` is `VarCorr()`. For the ArviZ user: `to_inference_data`.
+
+A `RandomEffectsClassifier` of K > 2 classes (a multinomial model, fitted by SGD alone) is
+read by `summary`, `fixed_effects` and `variance_components` only, with one row per class
+and term (the class's log odds against `classes_[0]`) and mean-field sds; the other readers
+take units=1 models.
 """
 
 import math
@@ -60,7 +65,12 @@ def _is_estimator(obj) -> bool:
 
 
 def _estimator_feature_names(estimator) -> list:
-    """Names of the fixed-effect columns: every column of X that is not a group column."""
+    """Names of the fixed-effect columns: the estimator's `feature_names_` (X's non-group
+    columns, categorical ones as their dummies `x[T.level]`, and `x[missing]` indicators),
+    or, for an estimator without them, every column of X that is not a group column."""
+    coded = getattr(estimator, "feature_names_", None)
+    if coded is not None:
+        return [str(name) for name in coded]
     groups = set(estimator.random_effects_)
     names = getattr(estimator, "feature_names_in_", None)
     if names is None:
@@ -342,6 +352,8 @@ def fixed_effects(obj, level: float = 0.95) -> pd.DataFrame:
         >>> list(table.index), list(table.columns)
         (['(Intercept)', 'x0', 'x1'], ['mean', 'sd', 'lower', 'upper'])
     """
+    if _is_multinomial(obj):
+        return _multinomial_fixed_effects(obj, level)
     fit = _Fit(obj)
     loc, _ = fit.linear_posterior()
     # The posterior is Normal, so an affine map of it is Normal with these moments.
@@ -382,6 +394,8 @@ def variance_components(obj, level: float = 0.95) -> pd.DataFrame:
         >>> variance_components(slopes).index.tolist()
         [('random_effects_0', '(Intercept)'), ('random_effects_0', 'slope_0'), ('Residual', '')]
     """
+    if _is_multinomial(obj):
+        return _multinomial_variance_components(obj, level)
     fit = _Fit(obj)
     z = _z(level)
     by_term = any(fit.has_slopes(key) for key in fit.factors)
@@ -990,6 +1004,8 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
         (Intercept)    0.0000   0.0100 -0.0196  0.0196
         x0             0.0000   0.0100 -0.0196  0.0196
     """
+    if _is_multinomial(obj):
+        return _multinomial_summary(obj, X, y, level)
     fit = _Fit(obj)
     excluded = {
         id(weight)
@@ -1069,3 +1085,93 @@ def _fit_method(obj) -> str:
     if not sgd:
         return "glmer's Laplace approximation (joint posterior), no SGD"
     return "SGD on the ELBO, then glmer's Laplace finish (joint posterior)"
+
+
+def _is_multinomial(obj) -> bool:
+    """Whether `obj` is a fitted `RandomEffectsClassifier` of more than two classes."""
+    return _is_estimator(obj) and hasattr(obj, "model_") and len(getattr(obj, "classes_", ())) > 2
+
+
+def _multinomial_fixed_effects(estimator, level) -> pd.DataFrame:
+    """`fixed_effects` of a multinomial classifier: rows (class, term) for the classes after
+    `classes_[0]`, from the mean-field q mapped to the data's scale."""
+    layers = mixed_model_layers(estimator.model_)
+    posterior = layers.intercept.posterior()
+    loc = [keras.ops.convert_to_numpy(posterior.loc)[None, :]]
+    scale = [keras.ops.convert_to_numpy(posterior.scale)[None, :]]
+    if layers.fixed_effects is not None:
+        posterior = layers.fixed_effects.posterior()
+        loc.append(keras.ops.convert_to_numpy(posterior.loc))
+        scale.append(keras.ops.convert_to_numpy(posterior.scale))
+    loc, scale = np.vstack(loc).astype("float64"), np.vstack(scale).astype("float64")
+    shift, matrix, _ = estimator.data_scale()
+    terms = [INTERCEPT, *_estimator_feature_names(estimator)]
+    frames = []
+    for c, label in enumerate(estimator.classes_[1:].tolist()):
+        sd = np.sqrt(np.einsum("ij,j,ij->i", matrix, np.square(scale[:, c]), matrix))
+        frame = pd.DataFrame(normal_summary(shift + matrix @ loc[:, c], sd, level))
+        frame.index = pd.MultiIndex.from_product([[label], terms], names=["class", "term"])
+        frames.append(frame)
+    return pd.concat(frames)
+
+
+def _multinomial_variance_components(estimator, level) -> pd.DataFrame:
+    """`variance_components` of a multinomial classifier: rows (factor, class), sigma of
+    each class's offsets (an interval under a hyperprior), as the estimator's attribute."""
+    z = _z(level)
+    rows, index = [], []
+    factors = mixed_model_layers(estimator.model_).factors
+    for key, layer in zip(estimator.random_effects_, factors):
+        counts = keras.ops.convert_to_numpy(layer.group_counts)
+        groups = int(np.sum(counts[: len(estimator.random_effects_[key])] > 0))
+        sigma = keras.ops.convert_to_numpy(layer.group_scale()).astype("float64")
+        lower = upper = np.full(len(sigma), math.nan)
+        if layer.scale_prior is not None:
+            q_sigma = layer.posterior()["group_scale"]
+            mu = keras.ops.convert_to_numpy(q_sigma.loc).astype("float64")
+            s = keras.ops.convert_to_numpy(q_sigma.scale).astype("float64")
+            lower, upper = np.exp(mu - z * s), np.exp(mu + z * s)
+        for c, label in enumerate(estimator.classes_[1:].tolist()):
+            index.append((key, label))
+            rows.append([sigma[c], lower[c], upper[c], groups, math.nan])
+    columns = ["sd", "lower", "upper", "groups", "corr"]
+    frame = pd.DataFrame(rows, columns=columns).astype(
+        {"sd": "float64", "lower": "float64", "upper": "float64", "groups": "int64"}
+    )
+    frame.index = pd.MultiIndex.from_tuples(index, names=["factor", "class"])
+    frame.insert(1, "variance", np.square(frame["sd"]))
+    return frame
+
+
+def _multinomial_summary(estimator, X, y, level) -> Summary:
+    """`summary` of a multinomial classifier (no residuals: they are not defined)."""
+    if X is not None or y is not None:
+        raise ValueError(
+            "summary of a classifier with more than two classes reports no residuals; call "
+            "summary(estimator) without X and y"
+        )
+    model = estimator.model_
+    excluded = {
+        id(weight)
+        for layer in _walk_layers(model)
+        if isinstance(layer, _VARIATIONAL_LAYERS) or layer is model.likelihood
+        for weight in layer.weights
+    }
+    history = training_history(estimator)
+    last_epoch = None
+    if history and all(name in history for name in ("loss", "nll", "kl")):
+        last_epoch = {name: float(history[name][-1]) for name in ("loss", "nll", "kl")}
+    reference = estimator.classes_.tolist()[0]
+    return Summary(
+        family=f"categorical (log odds against the reference class {reference!r})",
+        num_examples=int(keras.ops.convert_to_numpy(model.training_size)) or None,
+        last_epoch=last_epoch,
+        fixed_effects=_multinomial_fixed_effects(estimator, level),
+        variance_components=_multinomial_variance_components(estimator, level),
+        residual_quantiles=None,
+        subnetwork_weights=sum(
+            int(np.prod(w.shape)) for w in model.trainable_weights if id(w) not in excluded
+        ),
+        level=level,
+        method=_fit_method(estimator),
+    )

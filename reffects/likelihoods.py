@@ -5,12 +5,17 @@ trained and saved with the model. `ELBOModel` calls it on the predictor eta, whi
 response mean (the inverse link of eta), and asks it for the negative log-likelihood of each
 row given that mean.
 
-| family    | link  | y                     | `sample_weight`                           |
-|-----------|-------|-----------------------|-------------------------------------------|
-| Gaussian  | -     | any real              | row weight                                |
-| Bernoulli | logit | 0 or 1                | row weight                                |
-| Binomial  | logit | proportion in [0, 1]  | number of trials n (as R's `glm` does)    |
-| Poisson   | log   | count 0, 1, 2, ...    | row weight                                |
+| family      | link                       | y                      | `sample_weight`           |
+|-------------|----------------------------|------------------------|---------------------------|
+| Gaussian    | -                          | any real               | row weight                |
+| Bernoulli   | logit                      | 0 or 1                 | row weight                |
+| Binomial    | logit                      | proportion in [0, 1]   | trials n (as R's `glm`)   |
+| Poisson     | log                        | count 0, 1, 2, ...     | row weight                |
+| Categorical | softmax, class 0 reference | one-hot row, K classes | row weight                |
+
+A Categorical likelihood of K classes takes a predictor eta of K - 1 columns, the log odds
+of classes 1, ..., K - 1 against class 0 (whose eta is 0), and returns the K probabilities;
+every other likelihood takes one column (`predictor_units`).
 
 The Binomial NLL is the exact one, log C(n, n y) included, so reported losses are true
 negative log-likelihoods. Probabilities are clipped to [1e-7, 1 - 1e-7] before their log is
@@ -78,7 +83,10 @@ class Likelihood(keras.layers.Layer):
     `link(mean)`
     maps a mean back to eta; `check_targets(y, sample_weight)` rejects y outside the
     family's support with a `ValueError` naming the value and the row.
+    `predictor_units` is the number of columns of eta it takes (1 but for `Categorical`).
     """
+
+    predictor_units = 1
 
     def link(self, mean):
         raise NotImplementedError
@@ -356,6 +364,99 @@ class Poisson(Likelihood):
         return y
 
 
+@keras.saving.register_keras_serializable(package="reffects")
+class Categorical(Likelihood):
+    """y ~ Categorical(softmax([0, eta])): K classes, class 0 the reference.
+
+    The predictor eta has K - 1 columns, the log odds of classes 1, ..., K - 1 against class
+    0 (a multinomial logit model with a reference class, which makes the linear part
+    identifiable). `call(eta)` returns the K class probabilities, `(batch, K)`; y is
+    one-hot, `(batch, K)`; the NLL of a row is -log p(its class) (times its weight), one
+    column per row. `link(mean)` gives back the K - 1 log odds and `variance(mean)` the
+    variance of each class's indicator, p (1 - p).
+
+    Args:
+        num_classes: K, at least 2 (K = 2 is the Bernoulli model with classes 0 and 1).
+
+    Input shape:
+        `(batch, num_classes - 1)`.
+
+    Output shape:
+        `(batch, num_classes)`.
+
+    Example:
+        >>> likelihood = Categorical(num_classes=3)
+        >>> p = likelihood(np.array([[0.0, np.log(2.0)]], dtype="float32"))
+        >>> np.round(p.numpy(), 4).tolist()
+        [[0.25, 0.25, 0.5]]
+        >>> y = np.array([[0.0, 0.0, 1.0]])
+        >>> round(float(likelihood.nll(y, p)[0, 0]), 4)  # -log 0.5
+        0.6931
+    """
+
+    def __init__(self, num_classes: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(
+                "`num_classes` must be an integer of at least 2. "
+                f"Received: num_classes={num_classes!r}"
+            )
+        self.num_classes = int(num_classes)
+
+    @property
+    def predictor_units(self):
+        return self.num_classes - 1
+
+    def call(self, eta):
+        eta = ops.convert_to_tensor(eta)
+        reference = ops.zeros_like(eta[..., :1])
+        return ops.softmax(ops.concatenate([reference, eta], axis=-1), axis=-1)
+
+    def link(self, mean):
+        p = _clipped_probability(ops.convert_to_tensor(mean))
+        return ops.log(p[..., 1:]) - ops.log(p[..., :1])
+
+    def nll(self, y, mean, sample_weight=None):
+        mean = ops.convert_to_tensor(mean)
+        y = ops.cast(y, mean.dtype)
+        # one log per row: y is one-hot, so sum(y p) is the probability of the row's class
+        chosen = ops.sum(y * mean, axis=-1, keepdims=True)
+        return _weighted(-ops.log(_clipped_probability(chosen)), sample_weight)
+
+    def sample(self, mean, trials=None, seed=None):
+        with tf.control_dependencies([_assert_no_nan(mean, "class probability")]):
+            distribution = tfd.OneHotCategorical(probs=mean, dtype=mean.dtype)
+            return distribution.sample(seed=_stateless(seed))
+
+    def variance(self, mean, trials=None):
+        return mean * (1.0 - mean)
+
+    def check_targets(self, y, sample_weight=None):
+        y = super().check_targets(y, sample_weight)
+        if y.ndim != 2 or y.shape[1] != self.num_classes:
+            raise ValueError(
+                f"y must be one-hot of shape (n, {self.num_classes}) for the Categorical "
+                f"likelihood with num_classes={self.num_classes}. Received shape {y.shape}"
+            )
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            _first_bad("y", y, bad, "0 or 1 (one-hot) for the Categorical likelihood")
+        ones = y.sum(axis=1)
+        if (ones != 1).any():
+            row = int(np.argmax(ones != 1))
+            raise ValueError(
+                f"y must be one-hot for the Categorical likelihood: each row a single 1; "
+                f"row {row} has {ones[row]:g}"
+            )
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
 LIKELIHOODS = {
     "gaussian": Gaussian,
     "bernoulli": Bernoulli,
@@ -367,7 +468,8 @@ LIKELIHOODS = {
 def get_likelihood(identifier) -> Likelihood:
     """Turns a name, a config or a `Likelihood` into a `Likelihood` layer.
 
-    Names: "gaussian", "bernoulli", "binomial", "poisson".
+    Names: "gaussian", "bernoulli", "binomial", "poisson"; a `Categorical` likelihood needs
+    its number of classes, so it is passed as a layer, `Categorical(num_classes=K)`.
 
     Example:
         >>> type(get_likelihood("poisson")).__name__
@@ -377,6 +479,11 @@ def get_likelihood(identifier) -> Likelihood:
         return identifier
     if isinstance(identifier, str) and identifier in LIKELIHOODS:
         return LIKELIHOODS[identifier]()
+    if identifier == "categorical":
+        raise ValueError(
+            "A Categorical likelihood needs its number of classes: pass "
+            "likelihood=Categorical(num_classes=K). Received: likelihood='categorical'"
+        )
     if isinstance(identifier, dict):
         return keras.saving.deserialize_keras_object(identifier)
     raise ValueError(

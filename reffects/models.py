@@ -2,7 +2,11 @@
 
     eta = alpha + sum_k t_k . b_k[g_k] + x . beta + f(x)
 
-(t_k = [1] for a random intercept, [1, z] with random slopes on features z.)
+(t_k = [1] for a random intercept, [1, z] with random slopes on features z.) For a
+likelihood that takes several predictor columns (`Categorical` with K classes: K - 1 log
+odds against class 0), every term has that many outputs: one intercept, one column of beta,
+one independent offset per group (each with its own sigma_k) and one subnetwork output per
+column of eta.
 
 The estimators reach Keras only through `build_mixed_model`, so the layers stay usable on
 their own.
@@ -15,6 +19,7 @@ import keras
 import numpy as np
 
 from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
+from reffects.likelihoods import get_likelihood
 from reffects.training import ELBOModel
 
 
@@ -76,7 +81,7 @@ def build_mixed_model(
     dropout: float = 0.0,
     l2_regularization: float = 0.0,
     likelihood="gaussian",
-    intercept_init: float = 0.0,
+    intercept_init=0.0,
     prior_scale: float = 10.0,
     scale_prior=None,
     initial_group_scale: float = 1.0,
@@ -106,6 +111,10 @@ def build_mixed_model(
     the negative log density of a Normal(0, lambda**-0.5) prior on each weight, divided by N
     as the KL is (so it needs `num_examples`).
 
+    The predictor has as many columns as the likelihood takes (`predictor_units`: K - 1 for
+    `Categorical(num_classes=K)`, else 1), and so has every layer's output (`units`);
+    `intercept_init` is then one number or one per column. Random slopes take one column.
+
     Example:
         >>> model = build_mixed_model(
         ...     3, [10], hidden_units=(8,), subnetwork_features=[0, 2], dropout=0.1
@@ -130,6 +139,22 @@ def build_mixed_model(
                 "num_examples=N. Received: num_examples=None"
             )
         regularizer = keras.regularizers.L2(0.5 * l2_regularization / num_examples)
+    likelihood = get_likelihood(likelihood)
+    units = int(likelihood.predictor_units)
+    if units > 1 and any(random_slopes or []):
+        raise ValueError(
+            f"Random slopes take a one-column predictor; the {type(likelihood).__name__} "
+            f"likelihood takes {units} columns. Received: random_slopes={random_slopes!r}"
+        )
+    if np.ndim(intercept_init) == 0:
+        intercept_init = float(intercept_init)
+    else:
+        intercept_init = [float(v) for v in np.reshape(intercept_init, -1)]
+        if len(intercept_init) != units:
+            raise ValueError(
+                f"`intercept_init` must be one number or {units} (one per predictor column). "
+                f"Received: intercept_init={intercept_init}"
+            )
     rng = np.random.default_rng(seed)
 
     def next_seed():
@@ -144,6 +169,7 @@ def build_mixed_model(
         inputs.insert(0, features)
     terms = [
         GlobalIntercept(
+            units=units,
             loc_initializer=keras.initializers.Constant(intercept_init),
             prior_scale=prior_scale,
             seed=next_seed(),
@@ -167,6 +193,7 @@ def build_mixed_model(
             continue
         layer = RandomIntercept(
             count,
+            units=units,
             scale_prior=scale_prior,
             initial_group_scale=initial_group_scale,
             seed=next_seed(),
@@ -175,12 +202,20 @@ def build_mixed_model(
         terms.append(layer(group_inputs[k]))
     if num_features:
         terms.append(
-            FixedEffects(prior_scale=prior_scale, seed=next_seed(), name="fixed_effects")(features)
+            FixedEffects(
+                units=units, prior_scale=prior_scale, seed=next_seed(), name="fixed_effects"
+            )(features)
         )
         if hidden_units:
             terms.append(
                 _subnetwork(
-                    features, hidden_units, subnetwork_features, dropout, regularizer, next_seed
+                    features,
+                    hidden_units,
+                    subnetwork_features,
+                    dropout,
+                    regularizer,
+                    next_seed,
+                    num_outputs=units,
                 )
             )
     eta = terms[0] if len(terms) == 1 else keras.layers.Add(name="predictor")(terms)
@@ -188,8 +223,9 @@ def build_mixed_model(
     return ELBOModel(network, likelihood=likelihood, num_examples=num_examples)
 
 
-def _subnetwork(features, hidden_units, columns, dropout, regularizer, next_seed):
-    """f(x): ReLU layers on the chosen feature columns, then one output without a bias."""
+def _subnetwork(features, hidden_units, columns, dropout, regularizer, next_seed, num_outputs=1):
+    """f(x): ReLU layers on the chosen feature columns, then `num_outputs` outputs without a
+    bias."""
     hidden = features
     if columns is not None:
         hidden = SelectFeatures(columns, name="subnetwork_features")(hidden)
@@ -203,7 +239,7 @@ def _subnetwork(features, hidden_units, columns, dropout, regularizer, next_seed
         if dropout:
             hidden = keras.layers.Dropout(dropout, seed=next_seed())(hidden)
     return keras.layers.Dense(
-        1,
+        num_outputs,
         use_bias=False,
         kernel_initializer=keras.initializers.GlorotUniform(seed=next_seed()),
         kernel_regularizer=regularizer,

@@ -15,7 +15,7 @@ def _load(name):
     return module
 
 
-# The two scripts below build 5 to 9 Keras models each even at smoke size (30-80 s on two
+# The scripts below build 5 to 9 Keras models each even at smoke size (30-80 s on two
 # cores): they run with `pytest -m slow`; the other benchmark scripts run by default.
 @pytest.mark.slow
 def test_remnn_simulation_smoke(capsys):
@@ -32,10 +32,17 @@ def test_imdb_smoke(capsys):
     imdb = _load("imdb")
     if not (imdb.DEFAULT_DATA / "imdb.csv.gz").exists():
         pytest.skip(f"IMDb data not found at {imdb.DEFAULT_DATA}")
-    imdb.main("--rows 1500 --folds 1 --epochs-scale 0.01 --no-append".split())
+    imdb.main("--rows 1500 --folds 1 --epochs 1 --every-column --no-append".split())
     out = capsys.readouterr().out
-    assert "reffects REMNN (estimator defaults, (64, 32) on continuous)" in out
-    assert "CatBoost (published" in out
+    assert "reffects REMNN (defaults, hidden_units=(64, 32))" in out
+    assert "on every column" in out and "CatBoost (published" in out
+
+
+@pytest.mark.slow
+def test_subnetwork_guard_smoke(capsys):
+    _load("subnetwork_guard").main("--draws 1 --train-rows 600 --epochs 1 --no-append".split())
+    out = capsys.readouterr().out
+    assert "weight forced to 1" in out and "nonlinear" in out
 
 
 def test_streaming_smoke(capsys):

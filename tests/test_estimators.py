@@ -200,10 +200,12 @@ def data():
 
 
 def test_nan_and_inf_are_errors_that_name_the_column(data):
+    # A missing feature value is modelled (tests/test_categorical_and_missing.py); infinity
+    # in a feature and NaN or infinity in y or a group column stay errors.
     X, y = data
-    with_nan = X.copy()
-    with_nan.loc[3, "x1"] = np.nan
-    _bad(with_nan, y, r"feature column 'x1' contains NaN or infinity \(first at row 3\)")
+    with_inf_feature = X.copy()
+    with_inf_feature.loc[3, "x1"] = np.inf
+    _bad(with_inf_feature, y, r"feature column 'x1' contains infinity \(first at row 3\)")
     with_inf = y.copy()
     with_inf[7] = np.inf
     _bad(X, with_inf, r"y contains NaN or infinity \(first at row 7\)")
@@ -216,7 +218,11 @@ def test_shape_and_column_errors(data):
     X, y = data
     _bad(X, y[:-1], "X has 50 rows but y has 49")
     _bad(X.drop(columns="group_0"), y, "group column 'group_0' is not in X")
-    _bad(X.assign(x2="high"), y, "feature column 'x2' is not numeric")
+    # A string column is categorical (tests/test_categorical_and_missing.py); numbers
+    # mixed with text are an error.
+    mixed = X["x2"].astype(object)
+    mixed[5] = "high"
+    _bad(X.assign(x2=mixed), y, "feature column 'x2' mixes numbers and category labels")
     _bad(X, y, "`family` must be one of 'gaussian', 'binomial', 'poisson'", family="gamma")
     _bad(X, y, "`epochs` must be a positive integer", epochs=0)
     with pytest.raises(ValueError, match="`group_cols` must name the grouping columns"):
@@ -225,5 +231,5 @@ def test_shape_and_column_errors(data):
 
 def test_predict_checks_columns(small_fit):
     est, X, _ = small_fit
-    with pytest.raises(ValueError, match="feature column 'x0' contains NaN"):
-        est.predict(X.assign(x0=np.nan))
+    with pytest.raises(ValueError, match="feature column 'x0' contains infinity"):
+        est.predict(X.assign(x0=np.inf))

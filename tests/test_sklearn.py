@@ -19,17 +19,35 @@ from reffects import RandomEffectsClassifier, RandomEffectsRegressor
 from reffects.datasets import simulate_mixed
 
 SAMPLE_WEIGHT_REASON = (
-    "the check wants rtol=1e-7; the exact finish reaches its optimum from SGD's warm start "
-    "(which differs with the rows' order) only to the optimizers' tolerance, in the check's "
-    "data every row is its own group (the scales are not identified), and features and y "
-    "are standardised without the weights: measured differences up to 2x in predictions"
+    "the check wants rtol=1e-7 on degenerate data: 10 rows of positive weight, each its own "
+    "group, and 29 features. Weights are exact elsewhere (features and y are standardised "
+    "with them; tests/test_sample_weight.py: a well-posed regressor equals the repeated rows "
+    "to 1e-16 with or without SGD, a binary classifier to the Laplace fit's tolerance). "
+    "Here the Gaussian fit interpolates, its noise and group scales sit at the finish's "
+    "floor, and the solve there amplifies rounding: reordering the repeated rows alone moves "
+    "predict by 9.0e-5 (rel 6.3e-5); weighted vs repeated 1.5e-4 (rel 1.1e-4; 0.78 before "
+    "weighted standardisation), the same with and without epochs. The check's y has 3 "
+    "classes: the multinomial classifier is SGD only, whose batches differ with the rows "
+    "(predict_proba 0.28 apart at epochs=2, 0.09 at the default schedule)"
+)
+
+
+MULTICLASS_TRAIN_REASON = (
+    "the check's second half wants training accuracy > 0.83 on 3 blobs; with group_cols=[0] "
+    "every row is its own group and one feature is left, on which LogisticRegression reaches "
+    "0.78; the multinomial model (SGD only) reaches 0.62 at epochs=2 and 0.80 at its default "
+    "schedule. The binary half and a multiclass instance without that handicap pass "
+    "(tests/test_multiclass.py)"
 )
 
 
 def _expected_failures(estimator):
-    return {
+    failures = {
         "check_sample_weight_equivalence_on_dense_data": SAMPLE_WEIGHT_REASON,
     }
+    if isinstance(estimator, RandomEffectsClassifier):
+        failures["check_classifiers_train"] = MULTICLASS_TRAIN_REASON
+    return failures
 
 
 @parametrize_with_checks(
@@ -137,7 +155,8 @@ def test_early_stopping_holds_out_rows_and_stops(grouped):
     ).fit(X, y)
     assert "val_loss" in est.history_
     assert len(est.history_["loss"]) < 200
-    assert float(est.model_.training_size) == pytest.approx(0.8 * len(X), abs=1)
+    # SGD trains on 80% of the rows (the others stop it); the exact finish then fits every row.
+    assert est.random_effects_["group_0"]["n"].sum() == len(X)
 
 
 def test_fit_passes_callbacks_and_verbose_to_keras(grouped, capsys):
@@ -183,9 +202,8 @@ def test_classifier_beats_logistic_regression_that_ignores_groups():
     )
 
 
-def test_classifier_rejects_more_than_two_classes():
-    X, labels = _binary_grouped()
-    labels = labels.copy()
-    labels[:5] = "maybe"
-    with pytest.raises(ValueError, match="Only binary classification is supported"):
-        RandomEffectsClassifier(group_cols=["site"], epochs=1).fit(X, labels)
+def test_classifier_rejects_a_single_class():
+    # More than two classes is a multinomial model (tests/test_multiclass.py); one is an error.
+    X, _ = _binary_grouped()
+    with pytest.raises(ValueError, match="needs at least 2 classes"):
+        RandomEffectsClassifier(group_cols=["site"], epochs=1).fit(X, np.full(len(X), "yes"))

@@ -105,8 +105,10 @@ def test_dropout_after_each_hidden_layer_and_l2_on_every_kernel(data):
     assert rates == [0.25, 0.25]
     dense = _dense_layers(est.model_.network)
     assert len(dense) == 3  # two hidden layers and the output
+    # N is the rows SGD trains on: the subnetwork guard holds some of X out for validation
+    assert est.model_.num_examples < len(X)
     for layer in dense:
-        assert layer.kernel_regularizer.l2 == pytest.approx(0.5 * 3.0 / len(X))
+        assert layer.kernel_regularizer.l2 == pytest.approx(0.5 * 3.0 / est.model_.num_examples)
     # Predictions are deterministic: dropout acts in training only.
     np.testing.assert_array_equal(est.predict(X), est.predict(X))
 
