@@ -238,7 +238,7 @@ def subnetwork_output(model, inputs) -> np.ndarray:
     return predict_means(head, inputs)
 
 
-def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_WEIGHTS):
+def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_WEIGHTS, start=None):
     """Which trained model, and which weight w on its subnetwork's output f, fit the
     validation rows best.
 
@@ -253,8 +253,13 @@ def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_W
     held gives when the variance parameters are held: the posterior mean of the linear
     part is linear in the y it fits, y - w f. The kept model is left with f scaled by the
     chosen w (a tie goes to the smaller) and the linear part of the finish nearer to it,
-    w = 0 or w = 1. Returns the index of the kept model, the weight and every candidate's
-    score.
+    w = 0 or w = 1.
+
+    A finish that fails (a `ValueError` or `LinAlgError`: SGD blew the model up) scores
+    infinity; if the finish without f fails from SGD's state, it starts again from the
+    weights `start` (the untrained model's, as a fit without SGD does). Returns the index
+    of the kept model, the weight, every candidate's score and the error of the failed
+    finish with f held, or None.
 
     Example:
         >>> from reffects.encoding import EncodedData
@@ -263,21 +268,20 @@ def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_W
         >>> data = EncodedData(x, [np.zeros(40, int)])
         >>> model = build_mixed_model(1, [2], hidden_units=(4,), num_examples=40, seed=0)
         >>> y = np.sin(2 * data.features[:, 0])
-        >>> index, weight, scores = choose_subnetwork_weight(
+        >>> index, weight, scores, error = choose_subnetwork_weight(
         ...     [model], lambda m: None, (data.model_inputs(), y, None), candidates=(0.0, 1.0)
         ... )
-        >>> index, weight in scores
-        (0, True)
+        >>> index, weight in scores, error
+        (0, True, None)
     """
     inputs, y, weights = validation
-    fits = []
+    fits, failure = [], None
     for model in models:
         try:
             finish(model)
-        except (ValueError, np.linalg.LinAlgError):
-            # a blown-up subnetwork's output can leave the finish no finite system: that
-            # model's w = 1 scores infinity, and w = 0 is finished below without it
-            fits.append((math.inf, None, model.get_weights()))
+        except (ValueError, np.linalg.LinAlgError) as error:
+            fits.append((math.inf, None, None))
+            failure = failure or error
             continue
         eta = predict_means(model.network, inputs)
         fits.append((_nll(model.likelihood, eta, y, weights), eta, model.get_weights()))
@@ -286,20 +290,26 @@ def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_W
     kernel = model.network.get_layer("subnetwork_output").kernel
     trained = keras.ops.convert_to_numpy(kernel).copy()
     kernel.assign(0.0 * trained)
-    finish(model)
+    try:
+        finish(model)
+    except (ValueError, np.linalg.LinAlgError):
+        if start is None:
+            raise
+        model.set_weights(start)
+        kernel.assign(0.0 * trained)
+        finish(model)
     eta_0, state_0 = predict_means(model.network, inputs), model.get_weights()
     scores = {}
     for weight in sorted(float(w) for w in candidates):
-        if eta_1 is None:
-            scores[weight] = _nll(model.likelihood, eta_0, y, weights) if weight == 0 else math.inf
-            continue
-        eta = (1.0 - weight) * eta_0 + weight * eta_1
+        if eta_1 is None and weight > 0.0:
+            continue  # no finish with f held: only w = 0 is left
+        eta = eta_0 if weight == 0.0 else (1.0 - weight) * eta_0 + weight * eta_1
         scores[weight] = _nll(model.likelihood, eta, y, weights)
     finite = {w: score for w, score in scores.items() if math.isfinite(score)}
     best = min(finite, key=finite.get) if finite else 0.0
     model.set_weights(state_0 if best < 0.5 else state_1)  # a later finish starts nearer
     kernel.assign(trained * best)
-    return index, best, scores
+    return index, best, scores, (failure if eta_1 is None else None)
 
 
 def run_sgd(

@@ -163,11 +163,29 @@ def test_choose_subnetwork_weight_keeps_the_better_model_and_blends_two_finishes
     kernels[1].assign(0.01 * kernels[1])  # f nearly 0: the better fit of y = 0
     trained = [keras.ops.convert_to_numpy(k).copy() for k in kernels]
     seen = []
-    index, weight, scores = choose_subnetwork_weight(
-        models, seen.append, (data.model_inputs(), np.zeros(200), None), candidates=(0, 0.5, 1)
+    validation = (data.model_inputs(), np.zeros(200), None)
+    index, weight, scores, failure = choose_subnetwork_weight(
+        models, seen.append, validation, candidates=(0, 0.5, 1)
     )
     assert [id(m) for m in seen] == [id(models[0]), id(models[1]), id(models[1])]
-    assert index == 1 and weight == 0.0  # y = 0 is best fitted without any subnetwork
+    assert index == 1 and weight == 0.0 and failure is None  # y = 0: best without f
     assert list(scores) == [0.0, 0.5, 1.0]
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernels[1]), 0.0 * trained[1])
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernels[0]), trained[0])
+
+    # A finish that fails with f held (a blown-up model) leaves w = 0; one that fails
+    # from SGD's state without f too starts again from the untrained weights.
+    untrained = models[0].get_weights()
+    kernels[0].assign(100.0 * kernels[0])  # "blown up"
+    calls = []
+
+    def finish(model):
+        calls.append(np.abs(keras.ops.convert_to_numpy(kernels[0])).max())
+        if len(calls) < 3:
+            raise ValueError("the mixed model's system is singular at the estimated scales")
+
+    index, weight, scores, failure = choose_subnetwork_weight(
+        models[:1], finish, validation, start=untrained
+    )
+    assert (index, weight, list(scores)) == (0, 0.0, [0.0]) and "singular" in str(failure)
+    assert calls[0] > 0 and calls[1] == calls[2] == 0.0  # with f, then without it twice
