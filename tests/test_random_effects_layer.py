@@ -459,3 +459,26 @@ def test_fit_recovers_the_covariance_and_the_group_coefficients():
     lower, upper = reffects.predict_interval(model, [ids, z], level=0.9, num_samples=400, seed=0)
     covered = (lower[:, 0] <= y) & (y <= upper[:, 0])
     assert 0.911 <= covered.mean() <= 0.951
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_correlation_cholesky_is_tfps_bijector_without_its_overhead(size):
+    # The layer's R is stored in tfp.bijectors.CorrelationCholesky's layout (saved .keras
+    # files hold it); the Keras-ops version must be that map and its inverse, to float32
+    # rounding (the tolerance) in the forward direction.
+    from reffects.layers import correlation_cholesky, correlation_unconstrained
+
+    x = np.random.default_rng(size).normal(size=size * (size - 1) // 2).astype("float32")
+    expected = tfp.bijectors.CorrelationCholesky()(x).numpy()
+    chol = keras.ops.convert_to_numpy(correlation_cholesky(x, size))
+    np.testing.assert_allclose(chol, expected, atol=1e-6)
+    np.testing.assert_allclose(correlation_unconstrained(expected), x, rtol=1e-5, atol=1e-6)
+    layer = RandomEffects(4, size - 1)
+    layer.build([(None,), (None, size - 1)])
+    layer.adapt(np.arange(4))
+    mean, covariance = _random_posterior(np.random.default_rng(0), 4, size)
+    layer.set_posterior(mean, covariance)
+    offset = layer.posterior()["offset"]
+    moments = layer.posterior_moments()
+    np.testing.assert_allclose(moments[0], offset.mean().numpy(), atol=1e-6)
+    np.testing.assert_allclose(moments[1], offset.covariance().numpy(), rtol=1e-5, atol=1e-6)
