@@ -505,15 +505,16 @@ class _MixedModelEstimator(BaseEstimator):
             slope_names = [self._feature_labels[j] for j in self._random_slopes[k] or []]
             names = ["(Intercept)", *slope_names]
             matrix = self._term_scale(k)  # the data's scale is response_scale times it
-            posterior = layer.posterior()["offset"]
-            loc = keras.ops.convert_to_numpy(posterior.mean()).astype("float64")[: len(levels)]
             if isinstance(layer, RandomIntercept):
+                posterior = layer.posterior()["offset"]
+                loc = keras.ops.convert_to_numpy(posterior.mean()).astype("float64")
                 covariance = np.square(keras.ops.convert_to_numpy(posterior.stddev()))
                 sigma = keras.ops.convert_to_numpy(layer.group_scale()).reshape(1, 1)
                 group_covariance = sigma**2
             else:
-                covariance = keras.ops.convert_to_numpy(posterior.covariance())
+                loc, covariance = layer.posterior_moments()
                 group_covariance = keras.ops.convert_to_numpy(layer.covariance())
+            loc = loc[: len(levels)]
             covariance = covariance.astype("float64").reshape(-1, len(names), len(names))
             covariance = covariance[: len(levels)]
             group_covariance = matrix @ group_covariance.astype("float64") @ matrix.T

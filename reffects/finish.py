@@ -199,6 +199,7 @@ class _FirstFactorSums:
             self.squares = np.bincount(classes, np.square(h))
         else:  # one class per group
             self.weight, self.count, self.rows, self.h = weight[active], None, rows, h
+            self.pairs = _GroupPairSums.of(rows) if sparse.issparse(rows) else None
 
     def at(self, t_squared, power):
         inverse = (t_squared * self.weight + 1.0) ** -power
@@ -210,6 +211,8 @@ class _FirstFactorSums:
             }
         if isinstance(self.rows, np.ndarray):
             gram = (self.rows * inverse[:, None]).T @ self.rows
+        elif self.pairs is not None:
+            gram = self.pairs.gram(inverse)
         else:
             gram = (self.rows.T @ sparse.diags(inverse) @ self.rows).toarray()
         return {
@@ -252,6 +255,56 @@ class _FirstFactorSums:
         diagonal = self._count() @ (t_squared * self.weight + 1.0) ** -1.0 + inactive
         second = _lambda_products(lam)[2](sums["gram"])[columns, columns]
         return np.array([[diagonal + t_squared * inverse.inner(second)]])
+
+
+class _GroupPairSums:
+    """sum_g w_g c_g c_g' for sparse rows c_g and any weights w, as one sparse product.
+
+    Each group contributes its nonzero pairs c_gi c_gj (i <= j); they are gathered once
+    into a matrix P (one row per pair (i, j) that any group has, one column per group), so
+    that the upper triangle of the sum is P w: on InstEval (2,972 students, 1,144 other
+    columns) a few milliseconds where a sparse triple product took 50.
+
+    Example:
+        >>> rows = sparse.csr_matrix(np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))
+        >>> _GroupPairSums.of(rows).gram(np.array([1.0, 2.0])).tolist()
+        [[1.0, 2.0, 0.0], [2.0, 6.0, 2.0], [0.0, 2.0, 2.0]]
+    """
+
+    LARGEST = 20_000_000  # pairs kept (about 320 MB); more: the sparse product instead
+
+    def __init__(self, keys, pairs, width):
+        self.keys, self.pairs, self.width = keys, pairs, width
+
+    @classmethod
+    def of(cls, rows):
+        """The pair sums of csr `rows`, or None when they have more than `LARGEST` pairs."""
+        rows = sparse.csr_matrix(rows, copy=True)
+        rows.sum_duplicates()
+        lengths = np.diff(rows.indptr)
+        if int(np.sum(lengths * (lengths + 1) // 2)) > cls.LARGEST:
+            return None
+        group = np.repeat(np.arange(rows.shape[0]), lengths)
+        # each entry e pairs with the entries of its group from e on
+        following = np.repeat(rows.indptr[1:], lengths) - np.arange(rows.nnz)
+        first = np.repeat(np.arange(rows.nnz), following)
+        block_starts = np.repeat(np.cumsum(following) - following, following)
+        second = first + np.arange(len(first)) - block_starts  # e, e + 1, ..., group's end
+        low = np.minimum(rows.indices[first], rows.indices[second])
+        high = np.maximum(rows.indices[first], rows.indices[second])
+        keys, pair = np.unique(low.astype("int64") * rows.shape[1] + high, return_inverse=True)
+        values = rows.data[first] * rows.data[second]
+        pairs = sparse.csr_matrix((values, (pair, group[first])), shape=(len(keys), rows.shape[0]))
+        return cls(keys, pairs, rows.shape[1])
+
+    def gram(self, weights) -> np.ndarray:
+        upper = np.zeros(self.width * self.width)
+        upper[self.keys] = self.pairs @ weights
+        upper = upper.reshape(self.width, self.width)
+        gram = upper + upper.T
+        diagonal = np.arange(self.width)
+        gram[diagonal, diagonal] = upper[diagonal, diagonal]
+        return gram
 
 
 class _FirstFactorBlocks:
@@ -455,16 +508,28 @@ class LinearMixedSystem:
                 f"largest ({described}) plus {self.num_fixed} fixed effects densely, at most "
                 f"{MAX_DENSE_LEVELS} in all; this model has {m}"
             )
+        # r = [the other factors' Z (sparse), the design D (dense, multiplied by BLAS)]
         parts = [_term_indicator(codes[k], self.num_levels[k], self.terms[k]) for k in others]
-        rest = sparse.hstack([*parts, sparse.csr_matrix(design)], format="csr")
-        weighted_rest = sparse.diags(weights) @ rest
-        self.rest_gram = (rest.T @ weighted_rest).toarray()
-        self.rest_moment = np.asarray(weighted_rest.T @ response).reshape(-1)
+        weighted_design = weights[:, None] * design
+        self.rest_gram = design.T @ weighted_design
+        self.rest_moment = weighted_design.T @ response
+        if parts:
+            others_z = sparse.hstack(parts, format="csr")
+            weighted_others = sparse.diags(weights) @ others_z
+            between = np.asarray(others_z.T @ weighted_design)
+            self.rest_gram = np.block(
+                [[(others_z.T @ weighted_others).toarray(), between], [between.T, self.rest_gram]]
+            )
+            self.rest_moment = np.concatenate(
+                [np.asarray(weighted_others.T @ response).reshape(-1), self.rest_moment]
+            )
         self._first = None
         if self.first is not None:
             levels, d = self.num_levels[self.first], self.num_terms[self.first]
             indicator = _term_indicator(codes[self.first], levels, self.terms[self.first])
-            cross = sparse.csr_matrix(indicator.T @ weighted_rest)
+            crosses = [indicator.T @ weighted_others] if parts else []
+            crosses.append(sparse.csr_matrix(indicator.T @ weighted_design))
+            cross = sparse.hstack(crosses, format="csr")
             moment = np.asarray(indicator.T @ (weights * response)).reshape(-1)
             if d == 1:
                 weight = np.asarray(indicator.T @ (weights * self.terms[self.first][:, 0]))

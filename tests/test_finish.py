@@ -515,3 +515,22 @@ def test_slopes_fit_reaches_an_interior_optimum_where_a_column_has_entries_below
     _, gradient, _ = system.criterion(theta, noise_scale**2)
     # the criterion is ~4e5 here; the stalled search left a gradient of 18
     assert np.abs(gradient).max() < 0.05
+
+
+def test_group_pair_sums_equal_the_weighted_sparse_product():
+    # The precomputed pairs are an exact regrouping of sum_g w_g c_g c_g' (float64
+    # rounding only), with duplicate entries within a row summed as the product does.
+    from scipy import sparse
+
+    from reffects.finish import _GroupPairSums
+
+    rng = np.random.default_rng(3)
+    rows = sparse.random(400, 90, density=0.05, random_state=4, format="coo")
+    rows = sparse.csr_matrix(
+        (np.r_[rows.data, 1.5], (np.r_[rows.row, 0], np.r_[rows.col, rows.col[0]])),
+        shape=rows.shape,
+    )  # a duplicate entry in a row
+    weights = rng.random(400)
+    expected = (rows.T @ sparse.diags(weights) @ rows).toarray()
+    pairs = _GroupPairSums.of(rows)
+    np.testing.assert_allclose(pairs.gram(weights), expected, rtol=1e-12, atol=1e-14)
