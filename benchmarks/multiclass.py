@@ -8,8 +8,9 @@ and per-class group sds 0.5 and 1.0 (evenly spaced from 0.5 to 1.0 for other K).
 rows come from the same groups (new rows of groups seen in training). On each draw every
 method is fitted once, in turn, on the same rows:
 
-- reffects multinomial: `RandomEffectsClassifier(group_cols=["g"])` at its defaults (K > 2:
-  SGD on the ELBO, the default schedule);
+- reffects multinomial: `RandomEffectsClassifier(group_cols=["g"])` at its defaults (K > 2
+  without a subnetwork: the multinomial Laplace finish, `reffects.multinomial_finish`, no
+  SGD; with `--epochs`, that many epochs of SGD before it);
 - reffects one-vs-rest: K binary `RandomEffectsClassifier` fits at their defaults (glmer's
   Laplace fit each), class c against the rest, probabilities normalised to sum to 1 (as
   scikit-learn's `OneVsRestClassifier` does);

@@ -3,6 +3,7 @@
     python benchmarks/random_slopes.py [--groups 1500] [--repeats 3]
         [--units 10000] [--rows 100000] [--cells 4] [--slopes-repeats 2]
     python benchmarks/random_slopes.py --quick    # smoke size, print only, under a minute
+    python benchmarks/random_slopes.py --part1-only --repeats 7   # part 1 alone
 
 Part 1, intercept and two correlated slopes in 1,500 groups of unequal size: sizes uniform on
 2..40, x0, x1 ~ N(0, 1), y = 1 + 0.5 x0 - 0.3 x1 + b0_g + b1_g x0 + b2_g x1 + N(0, 0.7^2),
@@ -360,6 +361,7 @@ def main(argv=None):
         "--epochs", type=int, default=None, help="part 2 subnetwork fits; default: estimator's"
     )
     parser.add_argument("--no-lmer", action="store_true", help="part 2 without mixedlm")
+    parser.add_argument("--part1-only", action="store_true", help="skip part 2 (minutes)")
     parser.add_argument("--quick", action="store_true", help="smoke size, print only")
     parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -369,9 +371,11 @@ def main(argv=None):
 
     estimates, speed, (n_train, n_test, groups), fit_time = part1(args.groups, args.repeats)
     cells = CELLS[: args.cells]
-    longitudinal = part2(
-        args.rows, args.units, cells, args.slopes_repeats, args.epochs, not args.no_lmer
-    )
+    longitudinal = pd.DataFrame(columns=["part 2 not run (--part1-only)"])
+    if not args.part1_only:
+        longitudinal = part2(
+            args.rows, args.units, cells, args.slopes_repeats, args.epochs, not args.no_lmer
+        )
     with pd.option_context(
         "display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60
     ):

@@ -67,12 +67,6 @@ def check_params(estimator) -> int:
             "`correlated_slopes` must be True or False. "
             f"Received: correlated_slopes={estimator.correlated_slopes!r}"
         )
-    if estimator.random_slopes and estimator.scale_prior is not None:
-        raise ValueError(
-            "`scale_prior` applies to random intercepts; with `random_slopes` each "
-            "factor's covariance is a point estimate (lme4's). Received: "
-            f"scale_prior={estimator.scale_prior!r}, random_slopes={estimator.random_slopes!r}"
-        )
     return random_seed(estimator.random_state)
 
 
@@ -205,6 +199,7 @@ class SplitColumns:
         subnetwork_features: positions in `features` of the subnetwork's columns, or None.
         random_slopes: per grouping factor, positions in `features` of its random slopes'
             columns, or None.
+        random_intercepts: per grouping factor, whether it has a random intercept.
         num_rows: X's number of rows.
     """
 
@@ -214,18 +209,21 @@ class SplitColumns:
     feature_labels: list
     subnetwork_features: list | None
     random_slopes: list
+    random_intercepts: list
     num_rows: int
 
 
-def split_columns(frame, group_cols, subnetwork_cols=None, random_slopes=None) -> SplitColumns:
+def split_columns(
+    frame, group_cols, subnetwork_cols=None, random_slopes=None, random_intercept=True
+) -> SplitColumns:
     """Splits the DataFrame X into feature columns and checked group labels (see
     `SplitColumns`); `reffects.encoding.FeatureCoding` checks and codes the features.
 
     Example:
         >>> frame = pd.DataFrame({"g": [1, 2], "x": [0.5, 1.5], "z": [3.0, 4.0]})
-        >>> columns = split_columns(frame, ["g"], ["z"], {"g": ["x"]})
-        >>> columns.subnetwork_features, columns.random_slopes
-        ([1], [[0]])
+        >>> columns = split_columns(frame, ["g"], ["z"], {"g": ["x"]}, {"g": False})
+        >>> columns.subnetwork_features, columns.random_slopes, columns.random_intercepts
+        ([1], [[0]], [False])
     """
     cols, positions = _group_positions(frame, group_cols)
     groups = [_group_labels(col, frame.iloc[:, pos]) for col, pos in zip(cols, positions)]
@@ -233,6 +231,7 @@ def split_columns(frame, group_cols, subnetwork_cols=None, random_slopes=None) -
     feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
     subnetwork = _subnetwork_positions(frame, subnetwork_cols, positions, feature_positions)
     slopes = _slope_positions(frame, random_slopes, cols, positions, feature_positions)
+    intercepts = _random_intercepts(random_intercept, cols, slopes)
     return SplitColumns(
         features=[frame.iloc[:, pos] for pos in feature_positions],
         groups=groups,
@@ -240,6 +239,7 @@ def split_columns(frame, group_cols, subnetwork_cols=None, random_slopes=None) -
         feature_labels=[names[pos] for pos in feature_positions],
         subnetwork_features=subnetwork,
         random_slopes=slopes,
+        random_intercepts=intercepts,
         num_rows=frame.shape[0],
     )
 
@@ -501,6 +501,37 @@ def _slope_positions(X, random_slopes, cols, group_positions, feature_positions)
                     "slopes vary on numeric feature columns"
                 )
         result.append([feature_positions.index(pos) for pos in positions])
+    return result
+
+
+def _random_intercepts(random_intercept, cols, slopes) -> list:
+    """Per grouping factor, whether it has a random intercept (`random_intercept` is a
+    bool for every factor or a dict group column -> bool, True where a factor is left out);
+    a factor without one must have random slopes."""
+    flags = random_intercept
+    if isinstance(flags, (bool, np.bool_)):
+        flags = {col: flags for col in cols}
+    if not isinstance(flags, dict) or not all(
+        isinstance(flag, (bool, np.bool_)) for flag in flags.values()
+    ):
+        raise ValueError(
+            "`random_intercept` must be True, False or a dict mapping group columns to True "
+            f"or False, e.g. {{'Subject': False}}. Received: random_intercept={random_intercept!r}"
+        )
+    unknown = [key for key in flags if key not in cols]
+    if unknown:
+        raise ValueError(
+            f"`random_intercept` names {unknown[0]!r}, which is not in `group_cols` "
+            f"({cols}); its keys are grouping columns"
+        )
+    result = [bool(flags.get(col, True)) for col in cols]
+    for col, intercept, positions in zip(cols, result, slopes):
+        if not intercept and not positions:
+            raise ValueError(
+                f"the grouping factor {col!r} has neither a random intercept nor random "
+                f"slopes: give it slopes in `random_slopes` (lme4's `(0 + x | {col})`) or "
+                f"leave its random intercept on. Received: random_intercept={random_intercept!r}"
+            )
     return result
 
 

@@ -434,20 +434,24 @@ def _warn_if_label_types_differ(col, levels, new_labels, unseen):
     )
 
 
-def slope_shifts(random_slopes, correlated_slopes, feature_mean, feature_scale) -> list:
+def slope_shifts(
+    random_slopes, correlated_slopes, feature_mean, feature_scale, random_intercepts=None
+) -> list:
     """Per factor, what the slope inputs add to the standardised features: nothing when
-    the terms are correlated (the fit does not depend on the origin), the features'
-    mean over sd when they are independent, so that independence holds at the data's
-    own origin, as lme4's `||` means it.
+    the terms are correlated with a random intercept (the fit does not depend on the
+    origin), the features' mean over sd when they are independent or have no random
+    intercept (`random_intercepts`, per factor; default all True), so that the slopes
+    vary about the data's own origin, as lme4's `||` and `(0 + x | g)` mean it.
 
     Example:
         >>> shifts = slope_shifts([None, [0]], False, np.array([2.0]), np.array([4.0]))
         >>> shifts[0], float(shifts[1][0])
         (None, 0.5)
     """
+    random_intercepts = random_intercepts or [True] * len(random_slopes)
     shifts = []
-    for positions in random_slopes:
-        if not positions or correlated_slopes:
+    for positions, intercept in zip(random_slopes, random_intercepts):
+        if not positions or (correlated_slopes and intercept):
             shifts.append(None)
             continue
         shifts.append(list(feature_mean[positions] / feature_scale[positions]))
@@ -471,14 +475,20 @@ def slope_inputs(features, random_slopes, shifts) -> list:
     return inputs
 
 
-def factor_terms(slope_inputs) -> list:
-    """Per factor, its rows' term vectors `[1, z]` (None for a random intercept).
+def factor_terms(slope_inputs, random_intercepts=None) -> list:
+    """Per factor, its rows' term vectors `[1, z]`, or `z` for a factor without a random
+    intercept (`random_intercepts`, per factor; default all True); None for a random
+    intercept alone.
 
     Example:
-        >>> factor_terms([np.array([[2.0]]), None])
-        [array([[1., 2.]]), None]
+        >>> factor_terms([np.array([[2.0]]), None, np.array([[3.0]])], [True, True, False])
+        [array([[1., 2.]]), None, array([[3.]])]
     """
-    return [None if z is None else np.column_stack([np.ones(len(z)), z]) for z in slope_inputs]
+    random_intercepts = random_intercepts or [True] * len(slope_inputs)
+    return [
+        None if z is None else np.column_stack([np.ones(len(z)), z]) if intercept else z
+        for z, intercept in zip(slope_inputs, random_intercepts)
+    ]
 
 
 class DataScale(NamedTuple):
@@ -514,18 +524,23 @@ class DataScale(NamedTuple):
 
 
 def factor_term_scale(
-    slope_positions, correlated_slopes, feature_mean, feature_scale
+    slope_positions, correlated_slopes, feature_mean, feature_scale, intercept=True
 ) -> np.ndarray:
     """The map A from a factor's coefficients on the model's scale to the data's, less
-    the response scale: a group's `[intercept, *slopes]` on the data's scale is
-    `response_scale * A` times the model's. `slope_positions` are the positions of the
-    factor's slope columns among the features (None for a random intercept alone).
+    the response scale: a group's `[intercept, *slopes]` (its `slopes` without a random
+    `intercept`) on the data's scale is `response_scale * A` times the model's.
+    `slope_positions` are the positions of the factor's slope columns among the features
+    (None for a random intercept alone).
 
     Example:
         >>> factor_term_scale([0], True, np.array([3.0]), np.array([4.0])).tolist()
         [[1.0, -0.75], [0.0, 0.25]]
+        >>> factor_term_scale([0], True, np.array([3.0]), np.array([4.0]), False).tolist()
+        [[0.25]]
     """
     positions = slope_positions or []
+    if not intercept:  # slopes about the data's origin (`slope_shifts`)
+        return np.diag(1.0 / feature_scale[positions])
     matrix = np.eye(1 + len(positions))
     if positions:
         scale = feature_scale[positions]

@@ -43,6 +43,7 @@ from reffects.finish import finish_gaussian, finish_glmm
 from reffects.layers import RandomIntercept
 from reffects.likelihoods import Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model, mixed_model_layers
+from reffects.multinomial_finish import finish_multinomial
 from reffects.training import StopOnNonFiniteLoss, check_finite_parameters, predict_means
 from reffects.training_recipe import (
     INITIAL_NOISE_SCALE,
@@ -81,9 +82,16 @@ _SHARED_PARAMETERS = """
         as lme4's `(1 + x | g)`: `{"Subject": ["Days"]}`. The columns stay fixed effects
         too; the factor's intercept and slopes get one covariance matrix (see
         `correlated_slopes`). None: a random intercept per factor only.
+    random_intercept : bool or dict
+        Whether each factor has a random intercept: True (every factor), or a dict group
+        column -> bool (a factor left out has one). A factor without one must have
+        `random_slopes`, which then vary about the features' own origin, as lme4's
+        `(0 + x | g)`: `random_slopes={"Subject": ["Days"]}, random_intercept={"Subject":
+        False}`. lme4's `(1 | g) + (0 + x | g)` is `correlated_slopes=False` with the
+        intercept kept.
     correlated_slopes : bool
-        True: each factor's intercept and slopes are correlated (lme4's `|`); False:
-        independent (lme4's `||`, on the features' own origin).
+        True: each factor's terms (intercept and slopes) are correlated (lme4's `|`);
+        False: independent (lme4's `||`, on the features' own origin).
     hidden_units : tuple of int
         `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f, guarded so
         that it cannot make the fit worse than the mixed model: SGD trains on all but a
@@ -96,7 +104,7 @@ _SHARED_PARAMETERS = """
         (`benchmarks/subnetwork_guard.py`): on a linear truth with 40 sparse dummies, held-out
         MSE equal to the mixed model's where an unguarded subnetwork on every column had 2.2
         times it; with a nonlinear term, 0.63 times the mixed model's. With more than two
-        classes (no exact finish) f is trained by SGD alone, unguarded.
+        classes (no exact finish with a subnetwork) f is trained by SGD alone, unguarded.
     subnetwork_cols : list of column names or positions, or None
         The feature columns f sees, given as `group_cols` are. None: every non-group column
         but categorical ones and essentially binary ones (two values fill at least 99% of
@@ -121,7 +129,14 @@ _SHARED_PARAMETERS = """
     learning_rate : float
         Starting Adam learning rate; it decays to 1% of itself along a cosine.
     scale_prior : None, "exponential", "half_normal" or a ScalePrior
-        None learns each sigma_k as a point estimate (empirical Bayes).
+        None learns each sigma_k as a point estimate (empirical Bayes). A prior applies to
+        the sd of each term of each factor (intercept and each slope) on the model's scale:
+        y standardised for "gaussian" (the link scale otherwise), a slope per standard
+        deviation of its feature, an intercept correlated with slopes at the features'
+        mean. The finish puts each sd at the mode of its marginal posterior on the log
+        scale (the correlations R_k at that mode, with a flat prior; no LKJ prior yet) and
+        q(sigma) = LogNormal at the Laplace sd there (with more than two classes, SGD fits
+        q(sigma)).
     prior_scale : float
         Standard deviation of the Normal priors of alpha and beta (features are
         standardised, so beta's prior is per standard deviation of its feature).
@@ -151,14 +166,15 @@ _SHARED_ATTRIBUTES = """
         `col[missing]` after its column (see `group_cols`).
     variance_components_ : dict
         Group column -> sigma_k, the standard deviation of its offsets (of its random
-        intercept, with random slopes).
+        intercept, with random slopes; of its first slope without a random intercept).
     random_effects_covariance_ : dict
         Group column -> DataFrame whose index and columns are `["(Intercept)", *slope
-        columns]`, the covariance of each group's coefficients (1 x 1 without slopes).
+        columns]` (the slope columns alone without a random intercept), the covariance of
+        each group's coefficients (1 x 1 without slopes).
     random_effects_ : dict
         Group column -> DataFrame indexed by level with columns mean, sd, lower, upper (the
-        intercept offset's), then `mean_<col>`, `sd_<col>`, `lower_<col>`, `upper_<col>` per
-        slope column, and n.
+        intercept offset's; absent without a random intercept), then `mean_<col>`,
+        `sd_<col>`, `lower_<col>`, `upper_<col>` per slope column, and n.
     feature_names_in_, n_features_in_ : as in scikit-learn
     model_ : the fitted `ELBOModel`
     history_ : dict of per-epoch `loss`, `nll` and `kl` (and `val_*` with early stopping)
@@ -191,7 +207,9 @@ class _MixedModelEstimator(BaseEstimator):
             self._fit_columns = list(frame.columns)
         else:
             frame = align_columns(frame, getattr(self, "_fit_columns", None))
-        return split_columns(frame, self.group_cols, self.subnetwork_cols, self.random_slopes)
+        return split_columns(
+            frame, self.group_cols, self.subnetwork_cols, self.random_slopes, self.random_intercept
+        )
 
     def _encode(self, X, reset, sample_weight=None):
         """X as the model's inputs: the feature columns coded (`FeatureCoding`: dummies
@@ -211,6 +229,7 @@ class _MixedModelEstimator(BaseEstimator):
                 coding.slope_positions(col, positions, columns.feature_labels)
                 for col, positions in zip(cols, columns.random_slopes)
             ]
+            self._random_intercepts = columns.random_intercepts
             self._levels = [group_levels(col, values) for col, values in zip(cols, groups)]
         # `features` is this method's own array, standardised in place.
         features = self._feature_coding.encode(columns.features, columns.num_rows, not reset)
@@ -232,7 +251,11 @@ class _MixedModelEstimator(BaseEstimator):
     def _slope_shifts(self):
         """Per factor, what its slope inputs add to the standardised features."""
         return slope_shifts(
-            self._random_slopes, self.correlated_slopes, self._feature_mean, self._feature_scale
+            self._random_slopes,
+            self.correlated_slopes,
+            self._feature_mean,
+            self._feature_scale,
+            self._random_intercepts,
         )
 
     def _slope_inputs(self, data):
@@ -240,8 +263,8 @@ class _MixedModelEstimator(BaseEstimator):
         return slope_inputs(data.features, self._random_slopes, self._slope_shifts())
 
     def _factor_terms(self, data):
-        """Per factor, its rows' term vectors `[1, z]` (None for a random intercept)."""
-        return factor_terms(self._slope_inputs(data))
+        """Per factor, its rows' term vectors `[1, z]` or `z` (None for a random intercept)."""
+        return factor_terms(self._slope_inputs(data), self._random_intercepts)
 
     # ----------------------------------------------------------------------- fitting
     def _fit(self, X, y, sample_weight, callbacks):
@@ -268,11 +291,9 @@ class _MixedModelEstimator(BaseEstimator):
         data, model_y, weights = _row_subset(every, every_y, every_weight, held_out, False)
 
         num_rows = len(model_y)
-        # The finish solves a linear predictor's model in full, except q(sigma_k) of a
-        # Gaussian model with a hyperprior, which only SGD fits.
-        exact_finish = not self.hidden_units and (
-            not isinstance(likelihood, Gaussian) or self.scale_prior is None
-        )
+        # The finish solves a linear predictor's model in full (q(sigma) under a
+        # hyperprior too: its mode and Laplace sd).
+        exact_finish = not self.hidden_units
         schedules = [default_schedule(num_rows, exact_finish, bool(self.hidden_units))]
         if subnetwork and self.batch_size is None and self.epochs is None:
             schedules = subnetwork_schedules(num_rows)
@@ -295,6 +316,7 @@ class _MixedModelEstimator(BaseEstimator):
                 seed=self._seed,
                 correlated_slopes=bool(self.correlated_slopes),
                 slope_shifts=self._slope_shifts(),
+                random_intercepts=self._random_intercepts,
             )
 
         self.model_ = starting_model()
@@ -482,7 +504,11 @@ class _MixedModelEstimator(BaseEstimator):
     def _term_scale(self, k):
         """`term_scale` of the k-th grouping factor."""
         return factor_term_scale(
-            self._random_slopes[k], self.correlated_slopes, self._feature_mean, self._feature_scale
+            self._random_slopes[k],
+            self.correlated_slopes,
+            self._feature_mean,
+            self._feature_scale,
+            self._random_intercepts[k],
         )
 
     def _read_posteriors(self):
@@ -503,7 +529,7 @@ class _MixedModelEstimator(BaseEstimator):
         for k, (col, levels) in enumerate(zip(self._group_keys, self._levels)):
             layer = layers.factors[k]
             slope_names = [self._feature_labels[j] for j in self._random_slopes[k] or []]
-            names = ["(Intercept)", *slope_names]
+            names = ["(Intercept)", *slope_names] if self._random_intercepts[k] else slope_names
             matrix = self._term_scale(k)  # the data's scale is response_scale times it
             if isinstance(layer, RandomIntercept):
                 posterior = layer.posterior()["offset"]
@@ -561,12 +587,13 @@ class _MixedModelEstimator(BaseEstimator):
 
 
 def _effects_table(col, levels, names, mean, sd, counts) -> pd.DataFrame:
-    """`random_effects_[col]`: per level, the intercept offset's mean, sd and 95% interval,
-    the same for each slope (`mean_<name>`, ...), and the training count n."""
+    """`random_effects_[col]`: per level, the intercept offset's mean, sd and 95% interval
+    (when `names` starts with "(Intercept)"), the same for each slope (`mean_<name>`, ...),
+    and the training count n."""
     half_width = stats.norm.ppf(0.975) * sd
     table = pd.DataFrame(index=levels.rename(col))
     for j, name in enumerate(names):
-        suffix = "" if j == 0 else f"_{name}"
+        suffix = "" if j == 0 and name == "(Intercept)" else f"_{name}"
         table[f"mean{suffix}"] = mean[:, j]
         table[f"sd{suffix}"] = sd[:, j]
         table[f"lower{suffix}"] = mean[:, j] - half_width[:, j]
@@ -587,10 +614,11 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
 
     Fitted by variational inference on the ELBO through Keras `fit`, which ends with an
     exact finish of everything but a subnetwork: for "gaussian", lme4's REML estimates
-    of the scales (ML with `reml=False`; a factor's sigma_k under a `scale_prior` stays
-    SGD's) and the exact joint posterior of the intercept, fixed effects and every offset
-    (`reffects.finish`, kept as `joint_posterior_`); for the other families, glmer's
-    Laplace estimates and the Laplace joint posterior at the mode. Features are
+    of the scales (ML with `reml=False`) and the exact joint posterior of the intercept,
+    fixed effects and every offset (`reffects.finish`, kept as `joint_posterior_`); for
+    the other families, glmer's Laplace estimates and the Laplace joint posterior at the
+    mode. Under a `scale_prior`, the scales are at the mode of their marginal posterior
+    on the log scale instead. Features are
     standardised internally; for "gaussian" y is standardised too; for the other
     families y is not, so `prior_scale` is on the logit or log scale, as in Statistical
     Rethinking's m13.2 (`prior_scale=1.5, scale_prior="exponential"`). Every estimate is
@@ -637,6 +665,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         *,
         group_cols=None,
         random_slopes=None,
+        random_intercept=True,
         correlated_slopes: bool = True,
         hidden_units=(),
         subnetwork_cols=None,
@@ -657,6 +686,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     ):
         self.group_cols = group_cols
         self.random_slopes = random_slopes
+        self.random_intercept = random_intercept
         self.correlated_slopes = correlated_slopes
         self.hidden_units = hidden_units
         self.subnetwork_cols = subnetwork_cols
@@ -876,11 +906,14 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     K > 2 classes: a multinomial logit model with `classes_[0]` as the reference class (its
     eta is 0, which identifies the linear part); each grouping factor has one independent
     random intercept per other class, each with its own sigma (a `RandomIntercept` with K - 1
-    units), and a subnetwork has K - 1 outputs. The exact finish has no multinomial kernel
-    (glmer has none), so the fit is SGD on the ELBO alone, always at the default schedule
-    (about 4,000 steps) unless `epochs` is given: the posterior is mean-field
-    (`joint_posterior_` is None) and the variance components are SGD's (their noise inflates
-    them by a few percent). `random_slopes` are not supported with K > 2.
+    units), and a subnetwork has K - 1 outputs. Without a subnetwork or a `scale_prior`, the
+    fit is the multinomial Laplace finish (`reffects.multinomial_finish`: glmer's Laplace
+    carried over to K classes, sigma_kc maximising it; no SGD unless `epochs` or
+    `early_stopping` is given, and then only as its start): deterministic, and the layers
+    hold the Laplace posterior's marginal means and sds (its correlations are not kept:
+    `joint_posterior_` is None). With a subnetwork or a `scale_prior`, SGD on the ELBO alone
+    (the default schedule, about 4,000 steps, unless `epochs` is given), the posterior
+    mean-field. `random_slopes` are not supported with K > 2.
 
     Labels may be any values (strings too) that sort. Estimates are on the logit scale (log
     odds against `classes_[0]` for K > 2).
@@ -909,7 +942,8 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         class's offsets are independent a priori).
     random_effects_ : dict
         Group column -> DataFrame indexed by level with `mean_<c>`, `sd_<c>`, `lower_<c>`,
-        `upper_<c>` per class c in `classes_[1:]` (the mean-field q's), and n.
+        `upper_<c>` per class c in `classes_[1:]` (the Laplace marginals; with a subnetwork
+        the mean-field q's), and n.
 
     Examples
     --------
@@ -921,10 +955,10 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     >>> clf.classes_.tolist(), clf.predict_proba(X.head(2)).shape
     (['sick', 'well'], (2, 2))
 
-    Three classes (SGD only; a short run here):
+    Three classes (the multinomial Laplace finish; `epochs` adds SGD before it):
 
     >>> y3 = np.where(X["x"] > 0.5, "sick", np.where(X["x"] < -0.5, "well", "unsure"))
-    >>> clf3 = RandomEffectsClassifier(group_cols=["clinic"], epochs=20, random_state=0)
+    >>> clf3 = RandomEffectsClassifier(group_cols=["clinic"], random_state=0)
     >>> proba = clf3.fit(X, y3).predict_proba(X.head(2))
     >>> clf3.classes_.tolist(), proba.shape, clf3.coef_.shape
     (['sick', 'unsure', 'well'], (2, 3), (3, 1))
@@ -940,6 +974,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         *,
         group_cols=None,
         random_slopes=None,
+        random_intercept=True,
         correlated_slopes: bool = True,
         hidden_units=(),
         subnetwork_cols=None,
@@ -958,6 +993,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
     ):
         self.group_cols = group_cols
         self.random_slopes = random_slopes
+        self.random_intercept = random_intercept
         self.correlated_slopes = correlated_slopes
         self.hidden_units = hidden_units
         self.subnetwork_cols = subnetwork_cols
@@ -980,7 +1016,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         Parameters
         ----------
         X : DataFrame or array of shape (n_samples, n_columns)
-        y : array of shape (n_samples,), at least two distinct labels (K > 2: SGD only)
+        y : array of shape (n_samples,), at least two distinct labels
         sample_weight : array of shape (n_samples,) or None
             Frequency weights: a row of weight w counts as w identical rows, so the total
             weight is how much data the priors are weighed against. Weights that sum to 1
@@ -1017,10 +1053,13 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         return self._fit_multinomial(X, y, sample_weight, callbacks)
 
     def _fit_multinomial(self, X, y, sample_weight, callbacks):
-        """K > 2 classes: builds the multinomial model and trains it by SGD on the ELBO.
+        """K > 2 classes: builds the multinomial model, fits it and reads its posteriors.
 
-        No exact finish exists for it, so SGD always runs (at the default schedule unless
-        `epochs` is given), and the posteriors are the mean-field q's.
+        Without a subnetwork or a `scale_prior`, the fit ends in the multinomial Laplace
+        finish (`reffects.multinomial_finish`), which solves the model from any start: SGD
+        runs only when asked for (`epochs` or `early_stopping`), as for two classes.
+        Otherwise SGD on the ELBO alone (the default schedule unless `epochs` is given),
+        and the posteriors are the mean-field q's.
         """
         start = time.perf_counter()
         self._seed = check_params(self)
@@ -1033,27 +1072,47 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         weights = check_sample_weight(sample_weight, len(X))
         data = self._encode(X, reset=True, sample_weight=weights)
         likelihood, model_y = self._model_target(y, weights)
+        every, every_y, every_weight = data, model_y, weights
         validation = None
         if self.early_stopping:
             data, model_y, weights, validation = self._split_validation(data, model_y, weights)
         num_rows = len(model_y)
-        batch_size, epochs = default_schedule(num_rows, subnetwork=bool(self.hidden_units))
-        self.model_ = self._multinomial_starting_model(likelihood, data, model_y, weights)
-        history = run_sgd(
-            self.model_,
-            data.model_inputs(),
-            model_y,
-            weights,
-            batch_size=min(self.batch_size or batch_size, num_rows),
-            epochs=self.epochs or epochs,
-            learning_rate=self.learning_rate,
-            seed=self._seed,
-            callbacks=callbacks,
-            validation_data=validation,
-            n_iter_no_change=self.n_iter_no_change,
-            verbose=self.verbose,
+        exact_finish = not self.hidden_units and self.scale_prior is None
+        batch_size, epochs = default_schedule(
+            num_rows, exact_finish, subnetwork=bool(self.hidden_units)
         )
-        self.joint_posterior_ = None
+        self.model_ = self._multinomial_starting_model(likelihood, data, model_y, weights)
+        history = {}
+        if not exact_finish or self.epochs is not None or self.early_stopping:
+            history = run_sgd(
+                self.model_,
+                data.model_inputs(),
+                model_y,
+                weights,
+                batch_size=min(self.batch_size or batch_size, num_rows),
+                epochs=self.epochs or epochs,
+                learning_rate=self.learning_rate,
+                seed=self._seed,
+                callbacks=callbacks,
+                validation_data=validation,
+                n_iter_no_change=self.n_iter_no_change,
+                verbose=self.verbose,
+            )
+        self.joint_posterior_ = None  # the finish's posterior has K - 1 outputs: not read
+        if exact_finish:
+            layers = mixed_model_layers(self.model_)
+            for layer, codes in zip(layers.factors, every.codes):
+                layer.adapt(codes)  # the finish fits every row: each group's n counts them all
+            self.model_.training_size.assign(float(len(every_y)))
+            finish_multinomial(
+                self.model_,
+                layers.intercept,
+                list(zip(layers.factors, every.codes)),
+                layers.fixed_effects,
+                every.features,
+                y=every_y,
+                sample_weight=every_weight,
+            )
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history
         self._read_multinomial_posteriors()

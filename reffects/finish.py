@@ -18,9 +18,11 @@ squares r and log det M, hence the profiled REML criterion
 
 (N = sum of weights, p = width of D; ML drops beta's block from log det M and uses N).
 theta is chosen by L-BFGS-B on that criterion (theta >= 0: a factor may sit at the
-boundary, as in lme4), started at the SGD values. Beta's Normal prior enters M exactly,
-so with the estimators' weak prior (sd 10 on the standardised scale) the estimates are
-lme4's to about 1e-4; lme4's flat prior is its limit.
+boundary, as in lme4; a random intercept is searched as its intraclass correlation
+sigma_k^2 / (sigma_k^2 + s^2)), started at the SGD values. Beta's Normal prior enters M
+exactly, so with the estimators' weak prior (sd 10 on the standardised scale) the estimates
+are lme4's to about 1e-4; lme4's flat prior is its limit. In an exact fit (s -> 0) the
+prior's ridge s^2 P0 is held at a floor, `_SMALLEST_RIDGE`.
 
 M is never factored whole: the factor with the most levels has a diagonal block, which is
 eliminated exactly (a cost linear in its levels), and the Schur complement over the other
@@ -50,15 +52,23 @@ effects) factored dense."""
 _RIDGE_TOLERANCE = 1e-7
 """Relative change of s^2 at which the prior's ridge s^2 P0 is taken as settled: beta's weak
 prior moves the estimates by ~1e-4, so a 1e-7 change in its ridge moves them by ~1e-11."""
+_SEARCH_TOLERANCE = 1e-12
+"""The relative gain of the criterion below which the search of theta stops."""
 _DENSE_CROSS_COLUMNS = 256
 _CLASS_GRAM_ENTRIES = 4_000_000  # per-weight sums kept up to 32 MB
 _SMALLEST_THETA = 1e-5
 """sigma_k / s at the boundary: a factor with no variance is reported with 1e-5 of the noise
 scale (the criterion's value there is within 1e-10 of its value at 0)."""
 _LARGEST_THETA = 1e3
-_SMALLEST_RIDGE = 1e-8
-"""The ridge's variance at least, relative to the mean square of y (an exact fit)."""
 """sigma_k / s at most: beyond it (every row its own group) s is not identified."""
+_SMALLEST_RIDGE = 1e-3
+"""The ridge's variance at least, relative to the mean square of y. In an exact fit (s -> 0)
+the ridge alone sets the directions of beta that the rows leave open, and there M's rounding
+(~1e-16 of D'WD, which differs with the order of the rows and with weights against repeats)
+moves beta by rounding / ridge: a floor of 1e-8 moved predictions by 2e-4 (15 rows, 30
+columns, each row its own group), 1e-3 by ~1e-9. Beta's prior is that of a noise sd of 3%
+of y's root mean square at least (s itself is still the profiled estimate); a GLMM's PIRLS,
+whose ridge is 1, meets the floor only where its working response's mean square passes 1e3."""
 
 
 # Its matrices are small to mid-sized and factored hundreds of times: one BLAS thread is
@@ -750,33 +760,69 @@ class LinearMixedSystem:
         """L-BFGS-B on the criterion over the entries of theta in `mask`, the others held;
         returns the new theta and the criterion there."""
         layout = self.covariance_factors
+        # a random intercept's theta through its intraclass correlation v = t / (1 + t) of
+        # t = theta^2 (sigma_k^2 / (sigma_k^2 + s^2)), other diagonal entries alone in their
+        # column through t
+        intercept = np.concatenate(
+            [
+                np.full(part.stop - part.start, d == 1)
+                for d, part in zip(layout.num_terms, layout.slices)
+            ]
+        )[mask]
 
-        def objective(values):
+        def with_values(values):
+            values = np.array(values, "float64")
+            values[intercept] /= 1.0 - values[intercept]  # t
             trial = theta.copy()
             trial[mask] = layout.from_search(values, mask)
+            return trial
+
+        def objective(values):
+            trial = with_values(values)
             value, gradient, _ = self.criterion(trial, variance, reml)
             if not analytic:
                 return value
             gradient = gradient[mask].copy()
-            squared = layout.squared[mask]  # searched as their squares
-            gradient[squared] /= 2.0 * trial[mask][squared]
+            squared = layout.squared[mask]
+            gradient[squared] /= 2.0 * trial[mask][squared]  # d / dt
+            gradient[intercept] *= (1.0 + trial[mask][intercept] ** 2) ** 2  # d / dv
             return value, gradient
 
-        # Diagonal entries alone in their column in theta^2: there the criterion has a
-        # non-zero slope at the boundary (in theta it is even, so theta = 0 is always
-        # stationary, a maximum as often as not). Without an analytic gradient (slopes
-        # eliminated over a wide rest), finite differences.
+        # In t the criterion has a non-zero slope at the boundary (in theta it is even, so
+        # theta = 0 is always stationary, a maximum as often as not), and v is t near 0.
+        # Toward sigma_k >> s (groups whose rows agree) the criterion flattens in t, its
+        # slope falling like t^-2 and less: there L-BFGS-B's first step (the gradient itself)
+        # gained less than rounding and the search stopped where it stood (theta 95 against
+        # an optimum at 455, 1.7 of criterion above it), while in v the slope stays finite.
+        # Without an analytic gradient (slopes eliminated over a wide rest), finite
+        # differences.
+        start = layout.to_search(theta, mask)
+        start[intercept] /= 1.0 + start[intercept]
+        bounds = [
+            (low / (1.0 + low), high / (1.0 + high)) if icc else (low, high)
+            for (low, high), icc in zip(layout.bounds(mask), intercept)
+        ]
         result = optimize.minimize(
             objective,
-            layout.to_search(theta, mask),
+            start,
             method="L-BFGS-B",
             jac=True if analytic else "3-point",
-            bounds=layout.bounds(mask),
-            options={"ftol": 1e-12, "gtol": 1e-8, "maxiter": 500},
+            bounds=bounds,
+            options={"ftol": _SEARCH_TOLERANCE, "gtol": 1e-8, "maxiter": 500},
         )
-        theta = theta.copy()
-        theta[mask] = layout.from_search(result.x, mask)
-        return theta, float(result.fun)
+        values, value = result.x, float(result.fun)
+        # L-BFGS-B stops once a step gains less than that tolerance, which where the
+        # criterion is flat can be short of the boundary: an entry searched squared whose
+        # slope still rises away from its lower bound goes there unless the criterion is
+        # higher there by more than the search resolves (each row its own group, fitted
+        # exactly: theta stopped anywhere from 1e-5 to 0.03, the criterion equal to 1e-9).
+        for i in np.flatnonzero(layout.squared[mask] & (result.jac > 0)):
+            trial = values.copy()
+            trial[i] = bounds[i][0]
+            at_bound = self.criterion(with_values(trial), variance, reml)[0]
+            if at_bound <= value + _SEARCH_TOLERANCE * max(abs(value), 1.0):
+                values, value = trial, at_bound
+        return with_values(values), value
 
     @_one_blas_thread
     def posterior(self, theta, noise_scale) -> JointPosterior:
@@ -838,9 +884,11 @@ def finish_gaussian(
         sample_weight: `(n,)` frequency weights, or None.
         reml: REML (True) or ML estimates of the scales.
 
-    The scales sigma_k of factors with a hyperprior stay where SGD put them (relative to
-    the noise scale); the others and the noise scale are estimated. Each layer is left with
-    the joint posterior's marginal means and sds.
+    The scales are lme4's; with hyperpriors (layers with a `scale_prior`), the scales are
+    at the mode of the marginal posterior of the log sds of those factors' terms, the
+    others and log s (flat priors on them and on R_k; `_scale_prior_mode`), and each such
+    q(sigma_kj) is the Laplace approximation there (LogNormal). Each layer is left with the
+    joint posterior's marginal means and sds.
 
     Returns:
         The `JointPosterior` of `[alpha, *beta]` and every factor's offsets.
@@ -875,12 +923,121 @@ def finish_gaussian(
     noise_scale = float(model.likelihood.noise_scale())
     layout = system.covariance_factors
     theta = layout.theta([_covariance_factor(layer, noise_scale) for layer in layers])
-    free = np.array([layer.scale_prior is None for layer in layers], bool)
-    theta, noise_scale = system.fit(theta, noise_scale, free=free, reml=reml)
+    theta, noise_scale = system.fit(theta, noise_scale, reml=reml)
+    log_priors = [_log_prior(layer.scale_prior) for layer in layers]
+    if any(log_prior is not None for log_prior in log_priors):
+        theta, noise_scale = _scale_prior_mode(system, theta, noise_scale, log_priors, reml)
     posterior = system.posterior(theta, noise_scale)
     _write_back(posterior, intercept, fixed_effects, layers, layout.matrices(theta), noise_scale)
     model.likelihood.set_noise_scale(noise_scale)
+    _write_scale_posteriors(system, layers, log_priors, theta, noise_scale, reml)
     return posterior
+
+
+@_one_blas_thread
+def _write_scale_posteriors(system, layers, log_priors, theta, noise_scale, reml):
+    """Sets q(sigma_kj) of each hyperprior layer at the mode theta, s (`_log_scale_sds`
+    with s held)."""
+    layout = system.covariance_factors
+
+    def deviance(trial):
+        value = _deviance_at(system, trial, noise_scale, reml)
+        return value + _scale_penalty(layout, trial, log_priors, noise_scale)
+
+    for k, (layer, log_prior) in enumerate(zip(layers, log_priors)):
+        if log_prior is not None:
+            sds = _log_scale_sds(deviance, layout, theta, k)
+            _set_scale_posterior(layer, layout.matrices(theta)[k], noise_scale, sds)
+
+
+def _deviance_at(system, theta, noise_scale, reml):
+    """The (RE)ML deviance of a `LinearMixedSystem` at theta and s (not profiled in s):
+    dof log s^2 + log det M + r / s^2, less dof, so that it is `criterion`'s value where s
+    is the profiled one."""
+    variance = float(noise_scale) ** 2
+    value, _, profiled = system.criterion(theta, variance, reml)
+    if not np.isfinite(value):
+        return value
+    # `criterion`'s degrees of freedom: value = dof log(profiled) + log det M, r = dof profiled
+    fixed = np.count_nonzero(~system.empty_columns) if reml else 0
+    dof = max(system.total_weight - fixed, 1.0)
+    return value + dof * (np.log(variance / profiled) + profiled / variance - 1.0)
+
+
+@_one_blas_thread
+def _scale_prior_mode(system, theta, noise_scale, log_priors, reml):
+    """theta and s at the mode of the marginal posterior of (log sigma_kj, R_k, log s):
+    `_deviance_at` plus `_scale_penalty`, with flat priors on log s, on R_k and on the
+    factors without a hyperprior, by L-BFGS-B (finite differences) from the (RE)ML
+    estimates `theta`, `noise_scale`."""
+    layout = system.covariance_factors
+    every = np.ones(layout.size, bool)
+
+    def objective(values):
+        trial, scale = layout.from_search(values[:-1], every), np.exp(values[-1])
+        value = _deviance_at(system, trial, scale, reml)
+        return value + _scale_penalty(layout, trial, log_priors, scale)
+
+    result = optimize.minimize(
+        objective,
+        np.append(layout.to_search(theta, every), np.log(noise_scale)),
+        method="L-BFGS-B",
+        jac="3-point",
+        # s within e^10 of its (RE)ML value: beyond, the deviance overflows
+        bounds=[*layout.bounds(every), (np.log(noise_scale) - 10, np.log(noise_scale) + 10)],
+        # ftol: a change of 1e-12 of the deviance (~1e3) moves a log sd by ~1e-5
+        options={"ftol": 1e-12, "gtol": 1e-8, "maxiter": 500},
+    )
+    return layout.from_search(result.x[:-1], every), float(np.exp(result.x[-1]))
+
+
+def _term_scales(factor) -> np.ndarray:
+    """The sds of a factor's terms relative to the scale s: the row norms of Lambda_k
+    (Sigma_k = s^2 Lambda_k Lambda_k')."""
+    return np.sqrt(np.sum(np.square(factor), axis=1))
+
+
+def _scale_penalty(layout, theta, log_priors, noise_scale=1.0) -> float:
+    """-2 sum_kj [log p(sigma_kj) + log sigma_kj] over the factors k with a hyperprior
+    (`log_priors[k]` not None) and their terms j, sigma_kj = s |row j of Lambda_k|: added
+    to a deviance, its minimum is the mode of the marginal posterior of the log sds."""
+    penalty = 0.0
+    if all(log_prior is None for log_prior in log_priors):
+        return penalty
+    for log_prior, factor in zip(log_priors, layout.matrices(theta)):
+        if log_prior is not None:
+            sigma = noise_scale * _term_scales(factor)
+            penalty -= 2.0 * float(np.sum(log_prior(sigma) + np.log(sigma)))
+    return penalty
+
+
+def _log_scale_sds(deviance, layout, theta, k, step=1e-3) -> np.ndarray:
+    """The sd of each log sigma_kj of factor k under the Laplace approximation at a mode:
+    1 / sqrt of the curvature of `deviance(theta) / 2` (minus the log marginal posterior)
+    in log sigma_kj, by central differences. Scaling row j of Lambda_k by e^t moves
+    sigma_kj alone (R_k and the other sds held)."""
+    sds = []
+    for j in range(layout.num_terms[k]):
+
+        def half_deviance(shift, j=j):
+            factors = layout.matrices(theta)
+            factors[k][j] *= np.exp(shift)
+            return 0.5 * deviance(layout.theta(factors))
+
+        curvature = half_deviance(step) - 2.0 * half_deviance(0.0) + half_deviance(-step)
+        curvature /= step**2
+        sds.append(1.0 / np.sqrt(curvature) if curvature > 0 else np.inf)
+    return np.array(sds)
+
+
+def _set_scale_posterior(layer, factor, scale, log_sds):
+    """Sets a hyperprior layer's q(sigma_kj) = LogNormal(log sigma_kj, `log_sds[j]`) at the
+    mode sigma_kj = s |row j of Lambda_k|, and its R_k when it estimates one."""
+    sigma = scale * _term_scales(factor)
+    layer.set_group_scale_posterior(np.log(sigma), log_sds)
+    if isinstance(layer, RandomEffects) and layer.correlated:
+        covariance = factor @ factor.T
+        layer.set_correlation(covariance / np.outer(sigma / scale, sigma / scale))
 
 
 class _GLMFamily:
@@ -1048,10 +1205,11 @@ class GeneralizedMixedModel:
     def fit(self, theta, offsets, beta, scale_priors=None):
         """glmer's two stages from a starting point; returns `(theta, offsets, beta)`.
 
-        `scale_priors` lists, per factor, None (sigma_k = theta_k a point estimate, as
-        glmer's) or a function giving log p(sigma_k): that factor's sigma_k is then the mode
-        of its marginal posterior on the log scale, log p(y | sigma) + log p(sigma) +
-        log sigma maximised with the Laplace approximation of p(y | sigma).
+        `scale_priors` lists, per factor, None (Lambda_k a point estimate, as glmer's) or
+        a function giving log p(sigma) of each of its terms' sds sigma_kj: that factor's
+        sigma_kj are then at the mode of their marginal posterior on the log scale,
+        log p(y | sigma) + sum_j [log p(sigma_kj) + log sigma_kj] maximised with the
+        Laplace approximation of p(y | sigma) (`_scale_penalty`; R_k at that mode).
         """
         layout = self.covariance_factors
         theta = np.asarray(theta, "float64").copy()
@@ -1063,11 +1221,7 @@ class GeneralizedMixedModel:
         bounds = layout.bounds(every)
 
         def scale_penalty(trial):
-            return sum(
-                -2.0 * (log_prior(trial[part.start]) + np.log(trial[part.start]))
-                for log_prior, part in zip(scale_priors, layout.slices)
-                if log_prior is not None
-            )
+            return _scale_penalty(layout, trial, scale_priors)
 
         def stage_one(values):
             trial = layout.from_search(values, every)
@@ -1112,36 +1266,29 @@ class GeneralizedMixedModel:
         return theta, offsets, beta
 
     def _laplace_objective(self, theta, beta, state):
-        """The Laplace deviance at (theta, beta) plus beta's prior penalty; keeps the mode of
-        u in `state` as the next start."""
+        """The Laplace deviance at (theta, beta), beta's prior penalty included (`pirls`'s
+        value has it); keeps the mode of u in `state` as the next start."""
         offsets, _, value = self.pirls(theta, state["offsets"], beta, False)
         if not np.isfinite(value):
             # a trial point whose weights overflow: a large finite value, so finite
             # differences and line searches step back instead of producing NaN
             return _OVERFLOW_DEVIANCE
         state["offsets"] = offsets
-        shift = beta - self.prior_mean
-        return value + float(shift @ (self.prior_precision * shift))
+        return value
 
     @_one_blas_thread
-    def log_scale_sd(self, theta, offsets, beta, k, log_prior):
-        """The sd of log sigma_k under the Laplace approximation of its marginal posterior
-        at the mode (the others and beta held): 1 / sqrt of the curvature of
-        -log p(y | sigma) - log p(sigma) - log sigma in log sigma, by central differences."""
+    def log_scale_sd(self, theta, offsets, beta, k, scale_priors):
+        """The sd of each log sigma_kj (one per term of factor k) under the Laplace
+        approximation of their marginal posterior at the mode (`fit`'s, with
+        `scale_priors`; R_k, the other scales and beta held), by `_log_scale_sds`."""
         state = {"offsets": offsets}
-        step = 1e-3
-        entry = self.covariance_factors.slices[k].start  # a random intercept's theta_k
+        layout = self.covariance_factors
 
-        def objective(log_sigma):
-            trial = theta.copy()
-            trial[entry] = np.exp(log_sigma)
+        def deviance(trial):
             value = self._laplace_objective(trial, beta, state)
-            return 0.5 * value - log_prior(trial[entry]) - log_sigma
+            return value + _scale_penalty(layout, trial, scale_priors)
 
-        centre = np.log(theta[entry])
-        curvature = objective(centre + step) - 2 * objective(centre) + objective(centre - step)
-        curvature /= step**2
-        return 1.0 / np.sqrt(curvature) if curvature > 0 else np.inf
+        return _log_scale_sds(deviance, layout, theta, k)
 
     @_one_blas_thread
     def posterior(self, theta, offsets, beta) -> JointPosterior:
@@ -1236,7 +1383,8 @@ def _write_back(posterior, intercept, fixed_effects, layers, factors, scale):
     for k, (layer, factor) in enumerate(zip(layers, factors)):
         if isinstance(layer, RandomEffects):
             layer.set_posterior(posterior.offset_mean(k), posterior.offset_covariance(k))
-            layer.set_covariance(scale**2 * factor @ factor.T)
+            if layer.scale_prior is None:
+                layer.set_covariance(scale**2 * factor @ factor.T)
             continue
         layer.set_posterior(posterior.offset_mean(k), posterior.offset_sd(k))
         if layer.scale_prior is None:
@@ -1276,9 +1424,9 @@ def finish_glmm(
     `sample_weight` the trials) or `Poisson` likelihood.
 
     The scales sigma_k are glmer's (`GeneralizedMixedModel`); a factor with a hyperprior
-    gets the mode of sigma_k's marginal posterior on the log scale, and q(sigma_k) is the
-    Laplace approximation there (LogNormal). Returns the Laplace `JointPosterior` (given
-    the scales).
+    gets the mode of its terms' sds' marginal posterior on the log scale (R_k at that
+    mode), and q(sigma_kj) is the Laplace approximation there (LogNormal). Returns the
+    Laplace `JointPosterior` (given the scales).
 
     Example:
         >>> import keras
@@ -1327,13 +1475,16 @@ def finish_glmm(
     _write_back(posterior, intercept, fixed_effects, layers, factors, 1.0)
     for k, (layer, log_prior) in enumerate(zip(layers, log_priors)):
         if log_prior is not None:
-            sd = glmm.log_scale_sd(theta, offsets, beta, k, log_prior)
-            layer.set_group_scale_posterior(np.log(factors[k][0, 0]), sd)
+            sds = glmm.log_scale_sd(theta, offsets, beta, k, log_priors)
+            _set_scale_posterior(layer, factors[k], 1.0, sds)
     return posterior
 
 
 def _log_prior(scale_prior):
-    """log p(sigma) of a `ScalePrior` as a function of sigma, or None without one."""
+    """log p(sigma) of a `ScalePrior` as a function of an array of sigmas, or None without
+    one."""
     if scale_prior is None:
         return None
-    return lambda sigma: float(scale_prior.expected_log_prob(np.log(sigma), 0.0))
+    return lambda sigma: np.asarray(
+        scale_prior.expected_log_prob(np.log(sigma), 0.0), "float64"
+    ).reshape(np.shape(sigma))

@@ -8,6 +8,10 @@ is read as lme4 reads it and mapped onto `RandomEffectsRegressor` (families "gau
     (1 | g)                              group_cols=["g"]
     (x | g), (1 + x | g)                 random_slopes={"g": ["x"]}, correlated_slopes=True
     (x || g), (1 | g) + (0 + x | g)      random_slopes={"g": ["x"]}, correlated_slopes=False
+    (0 + x | g), (0 + x + z | g)         random_slopes={"g": ["x", ...]},
+                                         random_intercept={"g": False}: slopes alone, about
+                                         x's own origin, as lme4 has them
+    (0 + x + z || g)                     the same, with correlated_slopes=False
     (1 | a/b)                            (1 | a) + (1 | a:b)
     (1 | a:b)                            a group column "a:b": a's and b's labels as strings,
                                          joined by ":"
@@ -25,15 +29,16 @@ estimator, so the names are those of `feature_names_in_` and of `inspection.fixe
 
 What reffects cannot express is an error, not a silent change of model:
 
-- every grouping factor has a random intercept: `(0 + x | g)` needs `(1 | g)` as well;
 - a random slope is always a fixed effect too: `y ~ (x | g)` is an error (lme4 would fix
   the slope's mean at 0); write `y ~ x + (x | g)`;
-- one formula has either correlated (`|`) or independent (`||`, `(0 + x | g)`) slopes,
-  since `correlated_slopes` is one switch for the whole model;
+- one formula has either correlated (`|`) or independent (`||`, `(1 | g) + (0 + x | g)`)
+  slopes, since `correlated_slopes` is one switch for the whole model (a factor with one
+  effect, `(1 | g)` or `(0 + x | g)`, goes with either);
 - slopes correlated with each other but not with the intercept
   (`(1 | g) + (0 + x + z | g)`), a factor's intercept in two terms, categorical slopes in
-  an independent term (lme4 codes them with every level there), offsets, and a fixed part
-  without its intercept (`0 +`, `- 1`: the estimators always fit one) are errors.
+  a term with `||` or without an intercept (lme4 codes them with every level there),
+  offsets, and a fixed part without its intercept (`0 +`, `- 1`: the estimators always
+  fit one) are errors.
 
 Formula library: formulaic (`formulaic>=1.2`; written against 1.2.2). Its `ModelSpec`
 remembers the training levels of every categorical variable and the state of stateful
@@ -86,7 +91,7 @@ __all__ = ["LmeFormula", "RandomTerm", "design_frame", "from_formula", "parse_fo
 
 FAMILIES = ("gaussian", "poisson", "binomial", "bernoulli")
 # Set by the formula, so not accepted among `**params`.
-_FORMULA_PARAMS = ("group_cols", "random_slopes", "correlated_slopes")
+_FORMULA_PARAMS = ("group_cols", "random_slopes", "random_intercept", "correlated_slopes")
 _NAME = r"(?:[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`)"  # a column name, bare or in backticks
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|[⧛⧚]")
 
@@ -129,7 +134,10 @@ class LmeFormula:
         group_cols: the estimator's grouping factors, in order of appearance.
         group_factors: group column -> the data columns it is made of (`"a:b"` -> a, b).
         random_slopes: group column -> its slope feature columns (empty: intercepts only).
-        correlated_slopes: False when the slopes are independent of the intercepts.
+        correlated_slopes: False when the slopes are independent of the intercepts (and of
+            each other).
+        random_intercept: group column -> whether it has a random intercept (False for a
+            factor with `(0 + x | g)` terms alone).
         feature_names: the fixed-effect columns, the intercept left out.
         model_spec: formulaic's `ModelSpec` of the fixed part on the training data: it holds
             the training levels of each categorical variable.
@@ -144,6 +152,7 @@ class LmeFormula:
     group_factors: dict[str, tuple[str, ...]]
     random_slopes: dict[str, tuple[str, ...]]
     correlated_slopes: bool
+    random_intercept: dict[str, bool]
     feature_names: tuple[str, ...]
     model_spec: ModelSpec = field(repr=False, compare=False)
 
@@ -151,11 +160,15 @@ class LmeFormula:
         return self.formula
 
     def estimator_params(self) -> dict:
-        """`group_cols`, and `random_slopes` and `correlated_slopes` when there are slopes."""
+        """`group_cols`, and `random_slopes` and `correlated_slopes` when there are slopes,
+        and `random_intercept` (the factors without one) when a factor has none."""
         params = {"group_cols": list(self.group_cols)}
         if self.random_slopes:
             params["random_slopes"] = {g: list(s) for g, s in self.random_slopes.items()}
             params["correlated_slopes"] = self.correlated_slopes
+        without = {g: False for g, has in self.random_intercept.items() if not has}
+        if without:
+            params["random_intercept"] = without
         return params
 
 
@@ -184,8 +197,8 @@ def from_formula(
             mapping, or the frame depth above the caller (0: the caller's variables, as in
             formulaic). `np` is always available.
         **params: any other parameter of the estimator (`random_state`, `hidden_units`,
-            `reml`, ...). `group_cols`, `random_slopes` and `correlated_slopes` come from
-            the formula.
+            `reml`, ...). `group_cols`, `random_slopes`, `random_intercept` and
+            `correlated_slopes` come from the formula.
 
     Returns:
         The fitted estimator, with `formula_` (the `LmeFormula`) set:
@@ -273,7 +286,7 @@ def parse_formula(formula: str, data: pd.DataFrame, *, context: int | Mapping = 
     columns_of_term = {
         _factors(part.term): [str(c) for c in part.columns] for part in design.model_spec.structure
     }
-    group_cols, group_factors, random_slopes, correlated = _random_structure(
+    group_cols, group_factors, random_slopes, correlated, random_intercept = _random_structure(
         random_terms, columns_of_term, formula
     )
     clash = sorted(set(group_cols) & set(feature_names))
@@ -292,6 +305,7 @@ def parse_formula(formula: str, data: pd.DataFrame, *, context: int | Mapping = 
         group_factors=group_factors,
         random_slopes=random_slopes,
         correlated_slopes=correlated,
+        random_intercept=random_intercept,
         feature_names=feature_names,
         model_spec=design.model_spec,
     )
@@ -580,13 +594,17 @@ def _grouping_factors(rhs, chunk, formula, data):
 
 
 def _random_structure(random_terms, columns_of_term, formula):
-    """(group_cols, group_factors, random_slopes, correlated_slopes) of the random terms."""
-    intercept_term, slopes, correlated_terms, independent_terms = {}, {}, [], []
-    group_cols = []
+    """(group_cols, group_factors, random_slopes, correlated_slopes, random_intercept) of
+    the random terms; `random_intercept` maps each factor to whether it has one."""
+    terms_of, intercept_term, slopes = {}, {}, {}
     for term in random_terms:
+        if not term.intercept and not term.slopes:
+            raise ValueError(
+                f"the random-effect term {term.text!r} of {formula!r} has no effects left of "
+                "`|`; write (1 | g) for a random intercept or (0 + x | g) for a slope"
+            )
         for factor in term.factors:
-            if factor not in group_cols:
-                group_cols.append(factor)
+            terms_of.setdefault(factor, []).append(term)
             if term.intercept:
                 if factor in intercept_term:
                     raise ValueError(
@@ -595,49 +613,58 @@ def _random_structure(random_terms, columns_of_term, formula):
                         "one (write its slopes in one term, or use `0 + x`)"
                     )
                 intercept_term[factor] = term.text
-    no_intercept = [factor for factor in group_cols if factor not in intercept_term]
-    if no_intercept:
-        terms = [t.text for t in random_terms if set(t.factors) & set(no_intercept)]
-        raise ValueError(
-            f"reffects always fits a random intercept per grouping factor, and {terms} of "
-            f"{formula!r} has none for {no_intercept}: add `(1 | {no_intercept[0]})` (for "
-            "independent slopes) or write the slopes as `(1 + x | g)`"
-        )
-    for term in random_terms:
-        if not term.slopes:
-            continue
-        independent = term.independent or not term.intercept
-        if not term.intercept and not term.independent and len(term.slopes) > 1:
-            raise ValueError(
-                f"{term.text!r} in {formula!r} makes slopes correlated with each other but not "
-                "with the intercept, which reffects does not fit; write `(1 + ... | g)` "
-                "(all correlated) or `(... || g)` (all independent)"
-            )
-        (independent_terms if independent else correlated_terms).append(term.text)
-        for factor in term.factors:
             columns = slopes.setdefault(factor, [])
+            # lme4 codes a categorical slope with every level in a term without an intercept
+            # or with `||`; reffects codes it as the fixed part does, so only in `(1 + c | g)`.
+            full_rank = term.independent or not term.intercept
             for slope, key in zip(term.slopes, term.slope_factors):
                 columns_of_slope = columns_of_term.get(key)
-                for column in _slope_columns(slope, columns_of_slope, term, independent, formula):
+                for column in _slope_columns(slope, columns_of_slope, term, full_rank, formula):
                     if column in columns:
                         raise ValueError(
                             f"the random slope of {column!r} on {factor!r} appears twice in "
                             f"{formula!r}"
                         )
                     columns.append(column)
+    correlated_terms, independent_terms = [], []
+    for factor, terms in terms_of.items():
+        if len(terms) == 1:  # one term: `|` correlates its effects, `||` does not
+            (term,) = terms
+            if int(term.intercept) + len(term.slopes) > 1:
+                (independent_terms if term.independent else correlated_terms).append(term.text)
+            continue
+        joint = [t for t in terms if not t.independent and int(t.intercept) + len(t.slopes) > 1]
+        if joint:
+            others = [t.text for t in terms if t is not joint[0]]
+            raise ValueError(
+                f"{joint[0].text!r} in {formula!r} makes its effects correlated with each other "
+                f"but not with {others} on the same factor {factor!r}, which reffects does not "
+                f"fit; write them in one term `(1 + ... | {factor})` (all correlated) or with "
+                "`||` (all independent)"
+            )
+        for term in terms:  # one factor's effects in several terms: independent
+            if term.text not in independent_terms:
+                independent_terms.append(term.text)
     if correlated_terms and independent_terms:
         raise ValueError(
-            "reffects fits all random slopes either correlated with their intercept or all "
-            f"independent (`correlated_slopes`); {formula!r} has correlated slopes in "
-            f"{correlated_terms} and independent ones in {independent_terms}: use `|` or `||` "
-            "throughout"
+            "reffects fits all random slopes either correlated with each other and their "
+            f"intercept or all independent (`correlated_slopes`); {formula!r} has correlated "
+            f"slopes in {correlated_terms} and independent ones in {independent_terms}: use "
+            "`|` or `||` throughout"
         )
     group_factors = {}
     for term in random_terms:
         for factor, columns in zip(term.factors, term.factor_columns):
             group_factors.setdefault(factor, columns)
     random_slopes = {factor: tuple(cols) for factor, cols in slopes.items() if cols}
-    return group_cols, group_factors, random_slopes, not independent_terms
+    random_intercept = {factor: factor in intercept_term for factor in terms_of}
+    return (
+        list(terms_of),
+        group_factors,
+        random_slopes,
+        not independent_terms,
+        random_intercept,
+    )
 
 
 def _factors(term):
@@ -645,7 +672,7 @@ def _factors(term):
     return frozenset(str(factor) for factor in term.factors)
 
 
-def _slope_columns(slope, columns, term, independent, formula):
+def _slope_columns(slope, columns, term, full_rank, formula):
     """The fixed-effect columns of one slope term; an error if it is not in the fixed part."""
     if columns is None:
         raise ValueError(
@@ -653,11 +680,12 @@ def _slope_columns(slope, columns, term, independent, formula):
             "reffects estimates each random slope's mean as a fixed effect (lme4 would fix it "
             f"at 0): add {slope!r} to the fixed part, e.g. 'y ~ {slope} + {term.text}'"
         )
-    if independent and columns != [slope]:
+    if full_rank and columns != [slope]:
         raise ValueError(
             f"the random slope {slope!r} of {term.text!r} in {formula!r} is categorical "
-            f"({columns}); independent categorical slopes are not supported (lme4 codes them "
-            "with every level there): use `(1 + x | g)` or numeric dummy columns"
+            f"({columns}); categorical slopes in a term with `||` or without an intercept are "
+            "not supported (lme4 codes them with every level there): use `(1 + x | g)` or "
+            "numeric dummy columns"
         )
     return columns
 

@@ -21,10 +21,11 @@ estimator's are on the data's scale (the intercept at the slope columns' zero, a
 For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
 `variance_components` is `VarCorr()`. For the ArviZ user: `to_inference_data`.
 
-A `RandomEffectsClassifier` of K > 2 classes (a multinomial model, fitted by SGD alone) is
-read by `summary`, `fixed_effects` and `variance_components` only, with one row per class
-and term (the class's log odds against `classes_[0]`) and mean-field sds; the other readers
-take units=1 models.
+A `RandomEffectsClassifier` of K > 2 classes (a multinomial model: the Laplace finish of
+`reffects.multinomial_finish`, or SGD alone with a subnetwork or a `scale_prior`) is read by
+`summary`, `fixed_effects` and `variance_components` only, with one row per class and term
+(the class's log odds against `classes_[0]`) and marginal sds; the other readers take
+units=1 models.
 """
 
 import math
@@ -440,8 +441,8 @@ def _term_components(fit, key, z) -> list:
     sd = np.sqrt(np.diag(covariance))
     lower = upper = np.full(len(sd), math.nan)
     matrix = fit.term_map(key)
-    # q(sigma_j) maps to the reported scale only when A is diagonal (it always is for a bare
-    # layer; the estimators take no hyperprior with slopes).
+    # q(sigma_j) maps to the reported scale only when A is diagonal (a bare layer; an
+    # estimator's factor without correlated slopes, or without a random intercept).
     if layer.scale_prior is not None and np.count_nonzero(matrix - np.diag(np.diag(matrix))) == 0:
         q_sigma = layer.posterior()["group_scale"]
         mu = keras.ops.convert_to_numpy(q_sigma.loc).astype("float64")
@@ -558,7 +559,7 @@ def group_effects(
     levels = fit.levels[key]
     if fit.estimator is not None:
         table = fit.estimator.random_effects_[key]
-        suffix = "" if j == 0 else f"_{name}"
+        suffix = "" if j == 0 and name == INTERCEPT else f"_{name}"
         frame = pd.DataFrame(
             {"mean": table[f"mean{suffix}"], "sd": table[f"sd{suffix}"]}, index=table.index
         )
@@ -1074,11 +1075,16 @@ def _fit_method(obj) -> str:
     """The header's account of how an estimator or a Keras model was fitted: an estimator
     without a subnetwork runs no SGD unless asked (`epochs`), and then its history is
     empty."""
+    sgd = bool(getattr(obj, "history_", None))
+    if _is_multinomial(obj) and not obj.hidden_units and obj.scale_prior is None:
+        laplace = "a Laplace approximation with beta at its joint mode (glmer's nAGQ = 0)"
+        return f"SGD on the ELBO, then {laplace}" if sgd else f"{laplace}, no SGD"
     if getattr(obj, "joint_posterior_", None) is None:
         return Summary.method
-    sgd = bool(getattr(obj, "history_", None))
     if getattr(obj, "family", "bernoulli") == "gaussian":
         criterion = "REML" if obj.reml else "ML"
+        if obj.scale_prior is not None:  # the sds at their posterior mode
+            criterion += " with scale priors"
         if not sgd:
             return f"lme4's {criterion} (exact joint posterior), no SGD"
         return f"SGD on the ELBO, then lme4's {criterion} finish (joint posterior)"

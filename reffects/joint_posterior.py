@@ -130,14 +130,6 @@ class JointPosterior:
         return np.sqrt(variance).reshape(-1, d)
 
     # ------------------------------------------------------------------ per row
-    def _row_terms(self, codes, terms):
-        """Each factor's `(n, d_k)` term vectors (ones for a random intercept)."""
-        terms = terms if terms is not None else [None] * len(self.num_levels)
-        return [
-            np.ones((len(c), 1)) if t is None else np.asarray(t, "float64").reshape(len(c), -1)
-            for c, t in zip(codes, terms)
-        ]
-
     def _rest_rows(self, design, codes, terms):
         """Each row's coefficient vector over r, less its first-factor group's coupling."""
         num_rows = len(design)
@@ -161,7 +153,7 @@ class JointPosterior:
         """Var(eta_i) of the linear part for rows with fixed design `design` `(n, p)`, group
         codes `codes` (one array per factor) and term vectors `terms` (one `(n, d_k)` array
         per factor, or None for a random intercept; `terms=None`: every factor's)."""
-        terms = self._row_terms(codes, terms)
+        terms = _row_terms(codes, terms)
         variance = np.zeros(len(design))
         for start in range(0, len(design), _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, len(design))
@@ -177,7 +169,7 @@ class JointPosterior:
 
     def predictor_mean(self, design, codes, terms=None) -> np.ndarray:
         """E[eta_i] of the linear part."""
-        terms = self._row_terms(codes, terms)
+        terms = _row_terms(codes, terms)
         mean = design @ self.fixed_mean()
         for k in range(len(self.num_levels)):
             mean = mean + np.sum(terms[k] * self.offset_mean(k)[codes[k]], axis=1)
@@ -221,7 +213,7 @@ class JointPosterior:
         drawn from the joint posterior (its correlations included). Only the first
         factor's levels that the rows use are drawn.
         """
-        terms = self._row_terms(codes, terms)
+        terms = _row_terms(codes, terms)
         groups = row_group = None
         if self.first is not None:
             groups, row_group = np.unique(codes[self.first], return_inverse=True)
@@ -233,6 +225,101 @@ class JointPosterior:
         if first is not None:
             eta += np.einsum("snj,nj->sn", first[:, row_group], terms[self.first])
         return eta
+
+
+class IndependentGroupsPosterior:
+    """A Normal posterior whose groups are independent of each other and of the fixed
+    effects: the layers' variational q, kept for models whose linear part is too large for
+    the finish's joint posterior. It reads as a `JointPosterior` does.
+
+    Args:
+        fixed_mean, fixed_sd: `(p,)` beta's mean and sd (alpha first).
+        offset_means: per factor, `(num_levels, d)` its coefficients' means.
+        offset_covariances: per factor, `(num_levels, d, d)` each group's covariance.
+
+    Example:
+        >>> posterior = IndependentGroupsPosterior(
+        ...     np.array([1.0]), np.array([0.2]), [np.array([[0.5], [-0.5]])],
+        ...     [np.full((2, 1, 1), 0.1)])
+        >>> posterior.predictor_variance(np.ones((1, 1)), [np.array([0])]).round(4).tolist()
+        [0.14]
+    """
+
+    def __init__(self, fixed_mean, fixed_sd, offset_means, offset_covariances):
+        self._fixed_mean = np.asarray(fixed_mean, "float64")
+        self._fixed_sd = np.asarray(fixed_sd, "float64")
+        self._means = [np.asarray(m, "float64") for m in offset_means]
+        self._covariances = [np.asarray(c, "float64") for c in offset_covariances]
+        self.num_levels = [len(m) for m in self._means]
+        self.num_terms = [m.shape[1] for m in self._means]
+
+    def fixed_mean(self) -> np.ndarray:
+        return self._fixed_mean
+
+    def fixed_covariance(self) -> np.ndarray:
+        return np.diag(np.square(self._fixed_sd))
+
+    def fixed_sd(self) -> np.ndarray:
+        return self._fixed_sd
+
+    def offset_mean(self, k: int) -> np.ndarray:
+        return self._means[k]
+
+    def offset_covariance(self, k: int) -> np.ndarray:
+        return self._covariances[k]
+
+    def offset_sd(self, k: int) -> np.ndarray:
+        return np.sqrt(np.einsum("gjj->gj", self._covariances[k]))
+
+    def predictor_mean(self, design, codes, terms=None) -> np.ndarray:
+        terms = _row_terms(codes, terms)
+        mean = design @ self._fixed_mean
+        for k, (c, t) in enumerate(zip(codes, terms)):
+            mean = mean + np.sum(t * self._means[k][c], axis=1)
+        return mean
+
+    def predictor_variance(self, design, codes, terms=None) -> np.ndarray:
+        terms = _row_terms(codes, terms)
+        variance = np.square(design) @ np.square(self._fixed_sd)
+        for k, (c, t) in enumerate(zip(codes, terms)):
+            variance = variance + np.einsum("ni,nij,nj->n", t, self._covariances[k][c], t)
+        return variance
+
+    def sample(self, num_samples: int, rng) -> tuple:
+        fixed = self._fixed_mean + self._fixed_sd * rng.standard_normal(
+            (num_samples, len(self._fixed_sd))
+        )
+        offsets = [self._draw_groups(k, np.arange(n), num_samples, rng)
+                   for k, n in enumerate(self.num_levels)]  # fmt: skip
+        return fixed, offsets
+
+    def sample_predictor(self, design, codes, num_samples: int, rng, terms=None) -> np.ndarray:
+        """Draws of eta's linear part `(num_samples, n)`; rows of one group share its draw."""
+        terms = _row_terms(codes, terms)
+        fixed = self._fixed_mean + self._fixed_sd * rng.standard_normal(
+            (num_samples, len(self._fixed_sd))
+        )
+        eta = fixed @ design.T
+        for k, (c, t) in enumerate(zip(codes, terms)):
+            groups, row_group = np.unique(c, return_inverse=True)
+            draws = self._draw_groups(k, groups, num_samples, rng)
+            eta += np.einsum("snj,nj->sn", draws[:, row_group], t)
+        return eta
+
+    def _draw_groups(self, k, groups, num_samples, rng):
+        """Draws of factor k's coefficients for `groups`: `(num_samples, len(groups), d)`."""
+        factors = _cholesky_psd(self._covariances[k][groups])
+        noise = rng.standard_normal((num_samples, len(groups), self.num_terms[k]))
+        return self._means[k][groups] + np.einsum("gij,sgj->sgi", factors, noise)
+
+
+def _row_terms(codes, terms):
+    """Each factor's `(n, d_k)` term vectors (ones for a random intercept)."""
+    terms = terms if terms is not None else [None] * len(codes)
+    return [
+        np.ones((len(c), 1)) if t is None else np.asarray(t, "float64").reshape(len(c), -1)
+        for c, t in zip(codes, terms)
+    ]
 
 
 _CHUNK_ROWS = 8192

@@ -90,6 +90,7 @@ def build_mixed_model(
     random_slopes: list | None = None,
     correlated_slopes: bool = True,
     slope_shifts: list | None = None,
+    random_intercepts: list | None = None,
 ) -> ELBOModel:
     """An `ELBOModel` with a global intercept, one `RandomIntercept` (or `RandomEffects`)
     per grouping factor, linear fixed effects and an optional dense subnetwork.
@@ -100,7 +101,8 @@ def build_mixed_model(
     (one entry per factor: None, or the positions of the features whose slopes vary by
     that factor's groups), a factor with slopes gets a `RandomEffects` layer
     `random_effects_k` on its ids and those features (a `SelectFeatures` named `slopes_k`,
-    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes`.
+    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes`,
+    without a random intercept where `random_intercepts[k]` is False (default: all True).
     `FixedEffects` sees
     every feature. The subnetwork, ReLU layers of `hidden_units` and then
     `subnetwork_output` (no bias: the global intercept is the only intercept), sees all of
@@ -178,13 +180,23 @@ def build_mixed_model(
     ]
     random_slopes = random_slopes or [None] * len(num_groups)
     slope_shifts = slope_shifts or [None] * len(num_groups)
+    random_intercepts = random_intercepts or [True] * len(num_groups)
+    for k, (slopes, intercept) in enumerate(zip(random_slopes, random_intercepts)):
+        if not (intercept or slopes):
+            raise ValueError(
+                f"grouping factor {k} has neither a random intercept nor random slopes. "
+                f"Received: random_slopes={random_slopes!r}, "
+                f"random_intercepts={random_intercepts!r}"
+            )
     for k, count in enumerate(num_groups):
         if random_slopes[k]:
             slopes = SelectFeatures(random_slopes[k], shift=slope_shifts[k], name=f"slopes_{k}")
             layer = RandomEffects(
                 count,
                 len(random_slopes[k]),
+                intercept=bool(random_intercepts[k]),
                 correlated=correlated_slopes,
+                scale_prior=scale_prior,
                 initial_group_scale=initial_group_scale,
                 seed=next_seed(),
                 name=f"random_effects_{k}",

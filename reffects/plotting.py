@@ -26,20 +26,23 @@ def _percent(level: float) -> str:
     return f"{100 * level:g}%"
 
 
-def shrinkage(obj, X, y, factor=None, ax=None):
+def shrinkage(obj, X, y, factor=None, ax=None, *, term=None):
     """Posterior group means against within-group estimates: partial pooling at a glance.
 
     Each point is a group seen in training: x is its level estimated from its own rows alone
     (`unpooled` of `inspection.group_effects`), y the posterior mean of intercept + offset.
     Colour and size grow with the group's training rows. Points on the dashed line y = x are
     not pooled at all; the solid line is the global intercept, where complete pooling would
-    put every group. Small groups sit closer to it.
+    put every group. Small groups sit closer to it. For a random slope (`term`, or a factor
+    without a random intercept) the same for the group's slope: fixed slope + its offset
+    against the slope fitted to the group's own rows, the solid line at the fixed slope.
 
     Args:
         obj: a fitted `RandomEffectsRegressor` or the trained `ELBOModel`.
         X, y: the training data, as given to `fit`.
         factor: the grouping factor; None when there is only one.
         ax: the matplotlib Axes to draw on.
+        term: the factor's term (`"(Intercept)"` or a slope column); None: its first.
 
     Returns:
         The Axes, holding one collection (the groups) and two lines.
@@ -58,12 +61,14 @@ def shrinkage(obj, X, y, factor=None, ax=None):
     ax = _axes(ax)
     import matplotlib.colors
 
-    table = inspection.group_effects(obj, factor, X, y)
+    table = inspection.group_effects(obj, factor, X, y, term=term)
     key = inspection.factors(obj)[0] if factor is None else factor
     table = table[(table["n"] > 0) & table["unpooled"].notna()]
+    terms = inspection.random_effects_covariance(obj)[key].index  # group_effects checked term
+    name = terms[0] if term is None else next(t for t in terms if str(t) == str(term))
     fixed = inspection.fixed_effects(obj)
-    intercept = float(fixed["mean"].get(inspection.INTERCEPT, 0.0))
-    pooled = intercept + table["mean"].to_numpy()
+    reference = float(fixed["mean"].get(name, 0.0))
+    pooled = reference + table["mean"].to_numpy()
     counts = table["n"].to_numpy()
     points = ax.scatter(
         table["unpooled"],
@@ -78,10 +83,11 @@ def shrinkage(obj, X, y, factor=None, ax=None):
     ax.figure.colorbar(points, ax=ax, label="training rows in the group")
     low = min(table["unpooled"].min(), pooled.min())
     ax.axline((low, low), slope=1.0, color="0.5", linestyle="--", label="no pooling (y = x)")
-    ax.axhline(intercept, color="C3", label=f"global intercept {intercept:.4g}")
+    label = "global intercept" if name == inspection.INTERCEPT else f"fixed slope of {name}"
+    ax.axhline(reference, color="C3", label=f"{label} {reference:.4g}")
     ax.set_xlabel("within-group estimate (no pooling)")
     ax.set_ylabel("posterior group mean (partial pooling)")
-    ax.set_title(f"Shrinkage of {key}")
+    ax.set_title(f"Shrinkage of {key}" + ("" if name == inspection.INTERCEPT else f": {name}"))
     ax.legend(loc="upper left")
     return ax
 

@@ -198,7 +198,10 @@ BAD_FORMULAS = {
     "y ~ 0 + x + (1 | g)": "fixed part `0 \\+ x`.* no intercept",
     "y ~ x - 1 + (1 | g)": "no intercept",
     "y ~ x + offset(z) + (1 | g)": "offsets are not supported",
-    "y ~ x + (0 + x | g)": "always fits a random intercept per grouping factor.*'\\(0 \\+ x",
+    "y ~ x + (0 | g)": "'\\(0 \\| g\\)'.* has no effects left of `\\|`",
+    "y ~ c + (0 + c | g)": "random slope 'c' of '\\(0 \\+ c \\| g\\)'.* is categorical",
+    "y ~ x + z + (1 + x | g) + (0 + z | g)": "'\\(1 \\+ x \\| g\\)'.* correlated with each "
+    "other but not with \\['\\(0 \\+ z \\| g\\)'\\] on the same factor 'g'",
     "y ~ z + (x | g)": "random slope 'x' of '\\(x \\| g\\)' is not a fixed effect.*add 'x'",
     "y ~ x + (1 | g) + (x | g)": "'g' has a random intercept in both '\\(1 \\| g\\)' and '\\(x",
     "y ~ x + z + (1 | g) + (0 + x + z | g)": "correlated with each other but not",
@@ -220,19 +223,49 @@ def test_mixing_correlated_and_independent_slopes_names_both_terms(data):
     with pytest.raises(ValueError, match="correlated slopes in \\['\\(x \\| g\\)'\\] and "
                        "independent ones in \\['\\(z \\|\\| a\\)'\\]"):  # fmt: skip
         parse_formula(text, data)
-    with pytest.raises(ValueError, match="correlated slopes in"):
-        parse_formula("y ~ x + z + (1 + x | g) + (0 + z | g)", data)
+    with pytest.raises(ValueError, match="correlated slopes in \\['\\(0 \\+ x \\+ z \\| g\\)'"):
+        parse_formula("y ~ x + z + (0 + x + z | g) + (z || a)", data)
+
+
+NO_INTERCEPT = {
+    # formula: (random_slopes, correlated_slopes, random_intercept passed to the estimator)
+    "y ~ x + (0 + x | g)": ({"g": ["x"]}, True, {"g": False}),
+    "y ~ x + (0 + x || g)": ({"g": ["x"]}, True, {"g": False}),  # one effect: either
+    "y ~ x + z + (0 + x + z | g)": ({"g": ["x", "z"]}, True, {"g": False}),
+    "y ~ x + z + (0 + x + z || g)": ({"g": ["x", "z"]}, False, {"g": False}),
+    "y ~ x + z + (0 + x | g) + (0 + z | g)": ({"g": ["x", "z"]}, False, {"g": False}),
+    # a lone slope goes with correlated or independent slopes on another factor
+    "y ~ x + z + (0 + x | g) + (1 + z | a)": ({"g": ["x"], "a": ["z"]}, True, {"g": False}),
+    "y ~ x + z + (0 + x | g) + (z || a)": ({"g": ["x"], "a": ["z"]}, False, {"g": False}),
+    "y ~ x + (0 + x | a/b)": ({"a": ["x"], "a:b": ["x"]}, True, {"a": False, "a:b": False}),
+}
+
+
+@pytest.mark.parametrize("text", list(NO_INTERCEPT))
+def test_slopes_without_a_random_intercept(data, text):
+    slopes, correlated, intercept = NO_INTERCEPT[text]
+    params = parse_formula(text, data).estimator_params()
+    assert params["random_slopes"] == slopes
+    assert params["correlated_slopes"] is correlated
+    assert params["random_intercept"] == intercept
+
+
+def test_intercept_and_slope_in_separate_terms_keep_the_intercept(data):
+    spec = parse_formula("y ~ x + (1 | g) + (0 + x | g) + (1 | a)", data)
+    assert spec.random_intercept == {"g": True, "a": True}
+    assert "random_intercept" not in spec.estimator_params()
 
 
 # ----------------------------------------------------------------- from_formula's wiring
 class _Recorder:
     """Stands in for an estimator: records its parameters and fit, without training."""
 
-    def __init__(self, *, group_cols=None, random_slopes=None, correlated_slopes=True,
-                 family="gaussian", random_state=None):  # fmt: skip
+    def __init__(self, *, group_cols=None, random_slopes=None, random_intercept=True,
+                 correlated_slopes=True, family="gaussian", random_state=None):  # fmt: skip
         self.params = {
             "group_cols": group_cols,
             "random_slopes": random_slopes,
+            "random_intercept": random_intercept,
             "correlated_slopes": correlated_slopes,
             "family": family,
             "random_state": random_state,
@@ -244,9 +277,11 @@ class _Recorder:
 
 
 class _ClassifierRecorder(_Recorder):
-    def __init__(self, *, group_cols=None, random_slopes=None, correlated_slopes=True):
+    def __init__(self, *, group_cols=None, random_slopes=None, random_intercept=True,
+                 correlated_slopes=True):  # fmt: skip
         super().__init__(group_cols=group_cols, random_slopes=random_slopes,
-                         correlated_slopes=correlated_slopes, family=None)  # fmt: skip
+                         random_intercept=random_intercept, correlated_slopes=correlated_slopes,
+                         family=None)  # fmt: skip
 
 
 @pytest.fixture
@@ -261,6 +296,7 @@ def test_from_formula_passes_slopes_family_and_binomial_trials(data, recorders):
     assert est.params == {
         "group_cols": ["g", "a", "a:b"],
         "random_slopes": {"g": ["x"]},
+        "random_intercept": True,
         "correlated_slopes": False,
         "family": "binomial",
         "random_state": 3,
@@ -272,9 +308,10 @@ def test_from_formula_passes_slopes_family_and_binomial_trials(data, recorders):
 
 
 def test_from_formula_bernoulli_uses_the_classifier(data, recorders):
-    est = from_formula("label ~ x + (x | g)", data, family="bernoulli")
+    est = from_formula("label ~ x + (0 + x | g)", data, family="bernoulli")
     assert isinstance(est, _ClassifierRecorder)
     assert est.params["random_slopes"] == {"g": ["x"]} and est.params["correlated_slopes"]
+    assert est.params["random_intercept"] == {"g": False}
     assert est.y.tolist() == data["label"].tolist() and est.sample_weight is None
 
 
@@ -285,6 +322,7 @@ def test_from_formula_bernoulli_uses_the_classifier(data, recorders):
         ({"family": "gamma"}, "`family` must be one of"),
         ({"group_cols": ["g"]}, "`group_cols` come from the formula"),
         ({"random_slopes": {}, "correlated_slopes": True}, "`random_slopes`, `correlated"),
+        ({"random_intercept": False}, "`random_intercept` come from the formula"),
     ],
 )
 def test_from_formula_checks_its_arguments_before_fitting(data, recorders, kwargs, match):

@@ -64,6 +64,25 @@ def test_shrinkage(fitted, ax):
     assert len(ax.figure.axes) == 2  # the colour bar
 
 
+@pytest.mark.parametrize("intercept", [True, False])
+def test_shrinkage_of_a_slope_is_drawn_at_the_fixed_slope(sleepstudy, ax, intercept):
+    # A slope's points are (the group's own slope, fixed slope + its offset), with or
+    # without a random intercept beside it (lme4's (Days | Subject), (0 + Days | Subject)).
+    est, X, y = sleepstudy
+    if not intercept:
+        est = RandomEffectsRegressor(
+            group_cols=["Subject"], random_slopes={"Subject": ["Days"]}, random_intercept=False
+        ).fit(X, y)
+    plotting.shrinkage(est, X, y, ax=ax, term="Days" if intercept else None)
+    table = inspection.group_effects(est, X=X, y=y, term="Days")
+    (points,) = ax.collections
+    np.testing.assert_allclose(
+        points.get_offsets(), np.column_stack([table["unpooled"], est.coef_[0] + table["mean"]])
+    )
+    assert ax.lines[1].get_ydata()[0] == pytest.approx(est.coef_[0])
+    assert ax.get_title() == "Shrinkage of Subject: Days"
+
+
 def test_group_effects_are_ordered_with_intervals(fitted, ax):
     est, _, _ = fitted
     assert plotting.group_effects(est, level=0.9, ax=ax) is ax

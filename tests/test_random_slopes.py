@@ -208,7 +208,6 @@ def test_grid_search_over_random_slopes():
         ({"random_slopes": {"h": ["x0"]}}, "'h', which is not in `group_cols`"),
         ({"random_slopes": {"g": ["nope"]}}, "nope"),
         ({"random_slopes": {"g": ["x0", "x0"]}}, "lists a column twice"),
-        ({"random_slopes": {"g": ["x0"]}, "scale_prior": "exponential"}, "point estimate"),
         ({"random_slopes": {"g": ["x0"]}, "correlated_slopes": "yes"}, "correlated_slopes"),
     ],
 )

@@ -18,44 +18,12 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from reffects import RandomEffectsClassifier, RandomEffectsRegressor
 from reffects.datasets import simulate_mixed
 
-SAMPLE_WEIGHT_REASON = (
-    "the check wants rtol=1e-7 on degenerate data: 10 rows of positive weight, each its own "
-    "group, and 29 features. Weights are exact elsewhere (features and y are standardised "
-    "with them; tests/test_sample_weight.py: a well-posed regressor equals the repeated rows "
-    "to 1e-16 with or without SGD, a binary classifier to the Laplace fit's tolerance). "
-    "Here the Gaussian fit interpolates, its noise and group scales sit at the finish's "
-    "floor, and the solve there amplifies rounding: reordering the repeated rows alone moves "
-    "predict by 9.0e-5 (rel 6.3e-5); weighted vs repeated 1.5e-4 (rel 1.1e-4; 0.78 before "
-    "weighted standardisation), the same with and without epochs. The check's y has 3 "
-    "classes: the multinomial classifier is SGD only, whose batches differ with the rows "
-    "(predict_proba 0.28 apart at epochs=2, 0.09 at the default schedule)"
-)
-
-
-MULTICLASS_TRAIN_REASON = (
-    "the check's second half wants training accuracy > 0.83 on 3 blobs; with group_cols=[0] "
-    "every row is its own group and one feature is left, on which LogisticRegression reaches "
-    "0.78; the multinomial model (SGD only) reaches 0.62 at epochs=2 and 0.80 at its default "
-    "schedule. The binary half and a multiclass instance without that handicap pass "
-    "(tests/test_multiclass.py)"
-)
-
-
-def _expected_failures(estimator):
-    failures = {
-        "check_sample_weight_equivalence_on_dense_data": SAMPLE_WEIGHT_REASON,
-    }
-    if isinstance(estimator, RandomEffectsClassifier):
-        failures["check_classifiers_train"] = MULTICLASS_TRAIN_REASON
-    return failures
-
 
 @parametrize_with_checks(
     [
         RandomEffectsRegressor(group_cols=[0], epochs=2, random_state=0),
         RandomEffectsClassifier(group_cols=[0], epochs=2, random_state=0),
     ],
-    expected_failed_checks=_expected_failures,
 )
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
