@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from reffects import finish
 from reffects.checks import (
     FLOAT32_MAX,
     align_columns,
@@ -40,6 +41,7 @@ from reffects.encoding import (
     standardise,
 )
 from reffects.finish import finish_gaussian, finish_glmm
+from reffects.joint_posterior import IndependentGroupsPosterior
 from reffects.layers import RandomIntercept
 from reffects.likelihoods import Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
 from reffects.models import build_mixed_model, mixed_model_layers
@@ -285,15 +287,16 @@ class _MixedModelEstimator(BaseEstimator):
             self._subnetwork_features = subnetwork_columns(
                 every.features, coding.positions, coding.categorical
             )
+        finishable = self._finishable(every)
         held_out = None
-        if subnetwork or self.early_stopping:
+        if (subnetwork and finishable) or self.early_stopping:
             held_out = validation_rows(len(every_y), self.validation_fraction, self._seed)
         data, model_y, weights = _row_subset(every, every_y, every_weight, held_out, False)
 
         num_rows = len(model_y)
         # The finish solves a linear predictor's model in full (q(sigma) under a
         # hyperprior too: its mode and Laplace sd).
-        exact_finish = not self.hidden_units
+        exact_finish = not self.hidden_units and finishable
         schedules = [default_schedule(num_rows, exact_finish, bool(self.hidden_units))]
         if subnetwork and self.batch_size is None and self.epochs is None:
             schedules = subnetwork_schedules(num_rows)
@@ -355,21 +358,25 @@ class _MixedModelEstimator(BaseEstimator):
                 trained.append((model, history, divergence))
             self.model_, history, _ = trained[0]
         self.subnetwork_weight_ = self.subnetwork_validation_nll_ = None
-        if subnetwork:
+        if subnetwork and finishable:
             history = self._guard_subnetwork(
                 likelihood, data, model_y, weights, validation, trained, untrained
             )
-        if held_out is not None:
+        if held_out is not None and finishable:
             for layer, codes in zip(mixed_model_layers(self.model_).factors, every.codes):
                 layer.adapt(codes)  # the finish fits every row: each group's n counts them all
             self.model_.training_size.assign(float(len(every_y)))
-        self._finish(
-            likelihood,
-            every,
-            every_y,
-            every_weight,
-            subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0,
-        )
+        if finishable:
+            self._finish(
+                likelihood,
+                every,
+                every_y,
+                every_weight,
+                subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0,
+            )
+        else:
+            layers = mixed_model_layers(self.model_)
+            self.joint_posterior_ = IndependentGroupsPosterior.from_layers(layers)
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history
         self._read_posteriors()
@@ -398,6 +405,31 @@ class _MixedModelEstimator(BaseEstimator):
                 estimates[f"random_effects_[{col!r}][{column!r}]"] = table[column].to_numpy()
         check_finite_estimates(estimates, self.learning_rate)
         return self
+
+    def _finishable(self, data) -> bool:
+        """Whether the exact finish can factor this model (`finish.dense_coefficients` at
+        most `finish.MAX_DENSE_LEVELS`); warns when it cannot: the fit is then SGD's alone."""
+        num_terms = [
+            int(intercept) + len(slopes or [])
+            for intercept, slopes in zip(self._random_intercepts, self._random_slopes)
+        ]
+        num_levels = [len(levels) + 1 for levels in self._levels]
+        dense = finish.dense_coefficients(num_levels, num_terms, 1 + data.features.shape[1])
+        if dense <= finish.MAX_DENSE_LEVELS:
+            return True
+        warnings.warn(
+            f"the exact finish factors the coefficients of every grouping factor but the "
+            f"largest plus the fixed effects densely, at most {finish.MAX_DENSE_LEVELS}; this "
+            f"model has {dense}. It is fitted by SGD alone (the default schedule, about 4,000 "
+            "steps, unless `epochs` is set): the posterior is the variational one, each "
+            "group independent of the others and of the fixed effects (`joint_posterior_` "
+            "an IndependentGroupsPosterior), and the variance components are the ELBO's, "
+            "which run low with few rows per group. lme4's answers need fewer levels outside "
+            "the largest factor",
+            UserWarning,
+            stacklevel=4,
+        )
+        return False
 
     def _finish(self, likelihood, data, model_y, weights, held):
         """The exact finish of `model_`'s linear part on `data`'s rows, `held` (a

@@ -77,6 +77,18 @@ whose ridge is 1, meets the floor only where its working response's mean square 
 _one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 
 
+def dense_coefficients(num_levels, num_terms, num_fixed) -> int:
+    """How many coefficients the finish factors densely: every grouping factor's but the
+    largest's (levels times terms), plus the fixed effects; at most `MAX_DENSE_LEVELS`.
+
+    Example:
+        >>> dense_coefficients([20_000, 10_000, 5_000], [1, 1, 1], 3)
+        15003
+    """
+    sizes = [int(g) * int(d) for g, d in zip(num_levels, num_terms)]
+    return sum(sizes) - max(sizes, default=0) + int(num_fixed)
+
+
 def _term_indicator(codes, num_levels, terms):
     """Z for one factor: `(n, num_levels * d)`, row i holding its terms t_i at its group's
     d columns (term fastest)."""
@@ -510,7 +522,7 @@ class LinearMixedSystem:
             self.rest_layout[k] = slice(start, start + sizes[k])
             start += sizes[k]
         self.num_rest_levels = start
-        m = start + self.num_fixed
+        m = dense_coefficients(self.num_levels, self.num_terms, self.num_fixed)
         if m > MAX_DENSE_LEVELS:
             described = ", ".join(str(sizes[k]) for k in others)
             raise ValueError(

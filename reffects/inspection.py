@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from reffects.joint_posterior import JointPosterior
 from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
 from reffects.models import mixed_model_layers
 from reffects.posteriors import normal_summary
@@ -1079,8 +1080,8 @@ def _fit_method(obj) -> str:
     if _is_multinomial(obj) and not obj.hidden_units and obj.scale_prior is None:
         laplace = "a Laplace approximation with beta at its joint mode (glmer's nAGQ = 0)"
         return f"SGD on the ELBO, then {laplace}" if sgd else f"{laplace}, no SGD"
-    if getattr(obj, "joint_posterior_", None) is None:
-        return Summary.method
+    if not isinstance(getattr(obj, "joint_posterior_", None), JointPosterior):
+        return Summary.method  # SGD alone: the variational posterior
     if getattr(obj, "family", "bernoulli") == "gaussian":
         criterion = "REML" if obj.reml else "ML"
         if obj.scale_prior is not None:  # the sds at their posterior mode

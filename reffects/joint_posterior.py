@@ -245,6 +245,27 @@ class IndependentGroupsPosterior:
         [0.14]
     """
 
+    @classmethod
+    def from_layers(cls, layers):
+        """The q of a model's layers (`models.mixed_model_layers`'s handle), on the model's
+        scale; groups with no training rows at their prior."""
+        fixed = [layers.intercept.posterior()]
+        if layers.fixed_effects is not None:
+            fixed.append(layers.fixed_effects.posterior())
+        mean = np.concatenate([np.ravel(q.mean()) for q in fixed])
+        sd = np.concatenate([np.ravel(q.stddev()) for q in fixed])
+        means, covariances = [], []
+        for layer in layers.factors:
+            if hasattr(layer, "posterior_moments"):  # RandomEffects: a covariance per group
+                loc, covariance = layer.posterior_moments()
+            else:
+                offset = layer.posterior()["offset"]
+                loc = np.asarray(offset.mean(), "float64")
+                covariance = np.square(np.asarray(offset.stddev(), "float64"))[:, :, None]
+            means.append(loc)
+            covariances.append(covariance)
+        return cls(mean, sd, means, covariances)
+
     def __init__(self, fixed_mean, fixed_sd, offset_means, offset_covariances):
         self._fixed_mean = np.asarray(fixed_mean, "float64")
         self._fixed_sd = np.asarray(fixed_sd, "float64")
