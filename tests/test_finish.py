@@ -368,6 +368,7 @@ def test_glmm_estimator_matches_glmer_at_defaults():
     assert table["sd"].to_numpy() == pytest.approx(se, rel=5e-3)
 
 
+@pytest.mark.slow  # 45 s on 2 cores: in CI's slow run
 def test_sigma_is_recovered_from_many_small_bernoulli_groups():
     from reffects import RandomEffectsClassifier
 

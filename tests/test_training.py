@@ -87,6 +87,7 @@ def _fit_and_read(batch_size, steps, seed):
     }
 
 
+@pytest.mark.slow  # 25 s on 2 cores: in CI's slow run
 def test_minibatch_and_full_batch_reach_the_same_optimum():
     small = _fit_and_read(batch_size=256, steps=2000, seed=1)
     full = _fit_and_read(batch_size=2000, steps=2000, seed=2)
