@@ -62,6 +62,14 @@ def check_params(estimator) -> int:
             f"`validation_fraction` must be in (0, 1). Received: validation_fraction={fraction!r}"
         )
     hidden_layers(estimator.hidden_units)
+    eta = estimator.correlation_prior
+    if eta is not None and (
+        isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 < eta < np.inf
+    ):
+        raise ValueError(
+            "`correlation_prior` must be None or a positive finite number (the LKJ eta). "
+            f"Received: correlation_prior={eta!r}"
+        )
     if not isinstance(estimator.correlated_slopes, (bool, np.bool_)):
         raise ValueError(
             "`correlated_slopes` must be True or False. "

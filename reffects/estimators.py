@@ -136,9 +136,16 @@ _SHARED_PARAMETERS = """
         y standardised for "gaussian" (the link scale otherwise), a slope per standard
         deviation of its feature, an intercept correlated with slopes at the features'
         mean. The finish puts each sd at the mode of its marginal posterior on the log
-        scale (the correlations R_k at that mode, with a flat prior; no LKJ prior yet) and
+        scale (the correlations R_k at that mode, under `correlation_prior`) and
         q(sigma) = LogNormal at the Laplace sd there (with more than two classes, SGD fits
         q(sigma)).
+    correlation_prior : None or float eta > 0
+        An LKJ(eta) prior on the correlation R_k of the terms of every factor with
+        correlated random slopes (density proportional to det(R_k)^(eta - 1)): eta = 1 is
+        uniform (the fit equals None's), eta > 1 shrinks the correlations toward 0. R_k
+        stays a point estimate, at the mode of the marginal posterior (the finish) or the
+        MAP of the ELBO (SGD). None: a flat prior. Ignored with `correlated_slopes=False`
+        or without slopes.
     prior_scale : float
         Standard deviation of the Normal priors of alpha and beta (features are
         standardised, so beta's prior is per standard deviation of its feature).
@@ -316,6 +323,7 @@ class _MixedModelEstimator(BaseEstimator):
                 l2_regularization=self.l2_regularization,
                 prior_scale=self.prior_scale,
                 scale_prior=self.scale_prior,
+                correlation_prior=self.correlation_prior,
                 seed=self._seed,
                 correlated_slopes=bool(self.correlated_slopes),
                 slope_shifts=self._slope_shifts(),
@@ -709,6 +717,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         batch_size: int | None = None,
         learning_rate: float = 0.01,
         scale_prior=None,
+        correlation_prior: float | None = None,
         prior_scale: float = 10.0,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
@@ -730,6 +739,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.scale_prior = scale_prior
+        self.correlation_prior = correlation_prior
         self.prior_scale = prior_scale
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
@@ -1016,6 +1026,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         batch_size: int | None = None,
         learning_rate: float = 0.01,
         scale_prior=None,
+        correlation_prior: float | None = None,
         prior_scale: float = 10.0,
         early_stopping: bool = False,
         validation_fraction: float = 0.1,
@@ -1035,6 +1046,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.scale_prior = scale_prior
+        self.correlation_prior = correlation_prior
         self.prior_scale = prior_scale
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction

@@ -896,11 +896,12 @@ def finish_gaussian(
         sample_weight: `(n,)` frequency weights, or None.
         reml: REML (True) or ML estimates of the scales.
 
-    The scales are lme4's; with hyperpriors (layers with a `scale_prior`), the scales are
-    at the mode of the marginal posterior of the log sds of those factors' terms, the
-    others and log s (flat priors on them and on R_k; `_scale_prior_mode`), and each such
-    q(sigma_kj) is the Laplace approximation there (LogNormal). Each layer is left with the
-    joint posterior's marginal means and sds.
+    The scales are lme4's; with hyperpriors (layers with a `scale_prior`) or LKJ priors on
+    R_k (`RandomEffects` with a `correlation_prior` eta != 1), the scales are at the mode
+    of the marginal posterior of the log sds of the factors' terms, R_k and log s (flat
+    priors on the others; `_scale_prior_mode`), and each q(sigma_kj) under a hyperprior is
+    the Laplace approximation there (LogNormal). Each layer is left with the joint
+    posterior's marginal means and sds.
 
     Returns:
         The `JointPosterior` of `[alpha, *beta]` and every factor's offsets.
@@ -936,27 +937,27 @@ def finish_gaussian(
     layout = system.covariance_factors
     theta = layout.theta([_covariance_factor(layer, noise_scale) for layer in layers])
     theta, noise_scale = system.fit(theta, noise_scale, reml=reml)
-    log_priors = [_log_prior(layer.scale_prior) for layer in layers]
-    if any(log_prior is not None for log_prior in log_priors):
-        theta, noise_scale = _scale_prior_mode(system, theta, noise_scale, log_priors, reml)
+    priors = _Priors(layers)
+    if priors.any:
+        theta, noise_scale = _scale_prior_mode(system, theta, noise_scale, priors, reml)
     posterior = system.posterior(theta, noise_scale)
     _write_back(posterior, intercept, fixed_effects, layers, layout.matrices(theta), noise_scale)
     model.likelihood.set_noise_scale(noise_scale)
-    _write_scale_posteriors(system, layers, log_priors, theta, noise_scale, reml)
+    _write_scale_posteriors(system, layers, priors, theta, noise_scale, reml)
     return posterior
 
 
 @_one_blas_thread
-def _write_scale_posteriors(system, layers, log_priors, theta, noise_scale, reml):
+def _write_scale_posteriors(system, layers, priors, theta, noise_scale, reml):
     """Sets q(sigma_kj) of each hyperprior layer at the mode theta, s (`_log_scale_sds`
     with s held)."""
     layout = system.covariance_factors
 
     def deviance(trial):
         value = _deviance_at(system, trial, noise_scale, reml)
-        return value + _scale_penalty(layout, trial, log_priors, noise_scale)
+        return value + priors.penalty(layout, trial, noise_scale)
 
-    for k, (layer, log_prior) in enumerate(zip(layers, log_priors)):
+    for k, (layer, log_prior) in enumerate(zip(layers, priors.log_priors)):
         if log_prior is not None:
             sds = _log_scale_sds(deviance, layout, theta, k)
             _set_scale_posterior(layer, layout.matrices(theta)[k], noise_scale, sds)
@@ -977,18 +978,18 @@ def _deviance_at(system, theta, noise_scale, reml):
 
 
 @_one_blas_thread
-def _scale_prior_mode(system, theta, noise_scale, log_priors, reml):
+def _scale_prior_mode(system, theta, noise_scale, priors, reml):
     """theta and s at the mode of the marginal posterior of (log sigma_kj, R_k, log s):
-    `_deviance_at` plus `_scale_penalty`, with flat priors on log s, on R_k and on the
-    factors without a hyperprior, by L-BFGS-B (finite differences) from the (RE)ML
-    estimates `theta`, `noise_scale`."""
+    `_deviance_at` plus `_Priors.penalty`, with flat priors on log s and on the scales and
+    R_k without a prior, by L-BFGS-B (finite differences) from the (RE)ML estimates
+    `theta`, `noise_scale`."""
     layout = system.covariance_factors
     every = np.ones(layout.size, bool)
 
     def objective(values):
         trial, scale = layout.from_search(values[:-1], every), np.exp(values[-1])
         value = _deviance_at(system, trial, scale, reml)
-        return value + _scale_penalty(layout, trial, log_priors, scale)
+        return value + priors.penalty(layout, trial, scale)
 
     result = optimize.minimize(
         objective,
@@ -1021,6 +1022,49 @@ def _scale_penalty(layout, theta, log_priors, noise_scale=1.0) -> float:
             sigma = noise_scale * _term_scales(factor)
             penalty -= 2.0 * float(np.sum(log_prior(sigma) + np.log(sigma)))
     return penalty
+
+
+def _correlation_penalty(layout, theta, etas) -> float:
+    """-2 sum_k (eta_k - 1) log det R_k over the factors k with an LKJ(eta_k) prior
+    (`etas[k]` not None): -2 log LKJ(R_k | eta_k) less its constant, on the deviance scale.
+    R_k = D^-1 Lambda_k Lambda_k' D^-1 (D the row norms of Lambda_k), so with Lambda_k
+    lower triangular, log det R_k = 2 sum_j log(Lambda_k,jj / |row j of Lambda_k|).
+
+    Example:
+        >>> layout = CovarianceFactors([2])
+        >>> theta = layout.theta([np.array([[1.0, 0.0], [0.6, 0.8]])])  # corr 0.6
+        >>> round(_correlation_penalty(layout, theta, [3.0]), 4)  # -4 log(1 - 0.36)
+        1.7851
+    """
+    penalty = 0.0
+    for eta, factor in zip(etas, layout.matrices(theta)):
+        if eta is not None:
+            log_det = 2.0 * float(np.sum(np.log(np.abs(np.diag(factor)) / _term_scales(factor))))
+            penalty -= 2.0 * (eta - 1.0) * log_det
+    return penalty
+
+
+class _Priors:
+    """The priors the finish adds to a deviance, per factor: `log_priors[k]`, log p(sigma)
+    of a hyperprior on its sds (`_log_prior`) or None, and `etas[k]`, the eta of an LKJ
+    prior on R_k or None (also for eta = 1, the uniform LKJ, so it leaves the fit as is).
+    """
+
+    def __init__(self, layers):
+        self.log_priors = [_log_prior(layer.scale_prior) for layer in layers]
+        self.etas = []
+        for layer in layers:
+            eta = getattr(layer, "correlation_prior", None)  # RandomIntercept has none
+            self.etas.append(None if eta == 1.0 else eta)
+
+    @property
+    def any(self) -> bool:
+        return any(prior is not None for prior in [*self.log_priors, *self.etas])
+
+    def penalty(self, layout, theta, noise_scale=1.0) -> float:
+        """-2 log prior: `_scale_penalty` plus `_correlation_penalty`."""
+        scales = _scale_penalty(layout, theta, self.log_priors, noise_scale)
+        return scales + _correlation_penalty(layout, theta, self.etas)
 
 
 def _log_scale_sds(deviance, layout, theta, k, step=1e-3) -> np.ndarray:
@@ -1214,7 +1258,7 @@ class GeneralizedMixedModel:
         return offsets, beta, current + pls["log_det_random"]
 
     @_one_blas_thread
-    def fit(self, theta, offsets, beta, scale_priors=None):
+    def fit(self, theta, offsets, beta, scale_priors=None, correlation_priors=None):
         """glmer's two stages from a starting point; returns `(theta, offsets, beta)`.
 
         `scale_priors` lists, per factor, None (Lambda_k a point estimate, as glmer's) or
@@ -1222,18 +1266,22 @@ class GeneralizedMixedModel:
         sigma_kj are then at the mode of their marginal posterior on the log scale,
         log p(y | sigma) + sum_j [log p(sigma_kj) + log sigma_kj] maximised with the
         Laplace approximation of p(y | sigma) (`_scale_penalty`; R_k at that mode).
+        `correlation_priors` lists, per factor, None or the eta of an LKJ prior on R_k,
+        whose -2 log density joins the objective (`_correlation_penalty`).
         """
         layout = self.covariance_factors
         theta = np.asarray(theta, "float64").copy()
         theta[layout.diagonal] = np.maximum(theta[layout.diagonal], _SMALLEST_THETA)
         scale_priors = scale_priors or [None] * len(self.num_levels)
+        correlation_priors = correlation_priors or [None] * len(self.num_levels)
         state = {"offsets": offsets, "beta": np.asarray(beta, "float64")}
         every = np.ones(layout.size, bool)
         num_scales = layout.size
         bounds = layout.bounds(every)
 
         def scale_penalty(trial):
-            return _scale_penalty(layout, trial, scale_priors)
+            penalty = _scale_penalty(layout, trial, scale_priors)
+            return penalty + _correlation_penalty(layout, trial, correlation_priors)
 
         def stage_one(values):
             trial = layout.from_search(values, every)
@@ -1292,7 +1340,8 @@ class GeneralizedMixedModel:
     def log_scale_sd(self, theta, offsets, beta, k, scale_priors):
         """The sd of each log sigma_kj (one per term of factor k) under the Laplace
         approximation of their marginal posterior at the mode (`fit`'s, with
-        `scale_priors`; R_k, the other scales and beta held), by `_log_scale_sds`."""
+        `scale_priors`; R_k, the other scales and beta held, so an LKJ prior on R_k adds
+        nothing), by `_log_scale_sds`."""
         state = {"offsets": offsets}
         layout = self.covariance_factors
 
@@ -1437,7 +1486,8 @@ def finish_glmm(
 
     The scales sigma_k are glmer's (`GeneralizedMixedModel`); a factor with a hyperprior
     gets the mode of its terms' sds' marginal posterior on the log scale (R_k at that
-    mode), and q(sigma_kj) is the Laplace approximation there (LogNormal). Returns the
+    mode, under its LKJ prior if it has a `correlation_prior`), and q(sigma_kj) is the
+    Laplace approximation there (LogNormal). Returns the
     Laplace `JointPosterior` (given the scales).
 
     Example:
@@ -1480,14 +1530,20 @@ def finish_glmm(
                                 lower=True).T
         for layer, factor in zip(layers, start)
     ]  # fmt: skip
-    log_priors = [_log_prior(layer.scale_prior) for layer in layers]
-    theta, offsets, beta = glmm.fit(layout.theta(start), offsets, beta, scale_priors=log_priors)
+    priors = _Priors(layers)
+    theta, offsets, beta = glmm.fit(
+        layout.theta(start),
+        offsets,
+        beta,
+        scale_priors=priors.log_priors,
+        correlation_priors=priors.etas,
+    )
     posterior = glmm.posterior(theta, offsets, beta)
     factors = layout.matrices(theta)
     _write_back(posterior, intercept, fixed_effects, layers, factors, 1.0)
-    for k, (layer, log_prior) in enumerate(zip(layers, log_priors)):
+    for k, (layer, log_prior) in enumerate(zip(layers, priors.log_priors)):
         if log_prior is not None:
-            sds = glmm.log_scale_sd(theta, offsets, beta, k, log_priors)
+            sds = glmm.log_scale_sd(theta, offsets, beta, k, priors.log_priors)
             _set_scale_posterior(layer, factors[k], 1.0, sds)
     return posterior
 

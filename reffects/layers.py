@@ -9,6 +9,7 @@ is the negative ELBO per training example.
 """
 
 import functools
+import numbers
 
 import keras
 import numpy as np
@@ -785,7 +786,8 @@ def _fill_triangular_positions(size: int) -> np.ndarray:
     """Where `tfp.math.fill_triangular` puts each entry of a vector of length
     size (size + 1) / 2: a `(size, size)` matrix of indices, -1 above the diagonal."""
     count = size * (size + 1) // 2
-    filled = tfp.math.fill_triangular(np.arange(1.0, count + 1.0)).numpy()
+    with tf.init_scope():  # eager even when first called while a model is traced
+        filled = tfp.math.fill_triangular(np.arange(1.0, count + 1.0)).numpy()
     return filled.astype("int64") - 1
 
 
@@ -867,7 +869,8 @@ class RandomEffects(_GroupLayer):
         b[g] ~ MVN(0, Sigma),   Sigma = diag(sigma) R diag(sigma)
         q(b[g]) = MVN(loc[g], S[g] S[g]')                 (S[g] lower triangular)
         sigma: a point estimate (`scale_prior=None`) or sigma_j ~ scale_prior with
-               q(sigma_j) = LogNormal; R: a point estimate (the identity if not correlated)
+               q(sigma_j) = LogNormal; R: a point estimate (the identity if not correlated),
+               the MAP one under R ~ LKJ(eta) with `correlation_prior=eta`
 
     q has a full covariance within each group (the terms of one group are correlated in the
     posterior) and independent groups. R is parameterised by an unconstrained vector of
@@ -883,8 +886,10 @@ class RandomEffects(_GroupLayer):
         KL_g = [m' P m + tr(P S S')] / 2 - log det S + E[log det Sigma] / 2 - num_terms / 2
 
     with P = Sigma^-1, or E[Sigma^-1] under q(sigma) with a hyperprior (then
-    E[1 / (sigma_j sigma_k)] is analytic, and KL(q(sigma) || p(sigma)) is added). Not
-    training, the layer adds the full KL over the groups with training rows.
+    E[1 / (sigma_j sigma_k)] is analytic, and KL(q(sigma) || p(sigma)) is added). Under
+    an LKJ prior the loss also has -log LKJ(R | eta) = -(eta - 1) log det R (less its
+    constant), added once per step as KL(q(sigma) || p(sigma)) is. Not training, the
+    layer adds the full KL over the groups with training rows.
 
     In training each row draws its own b[g] = loc[g] + S[g] e. Not training the output is the
     posterior mean t_i . loc[g_i], and 0 for a group with no training rows (a new group,
@@ -900,6 +905,9 @@ class RandomEffects(_GroupLayer):
         correlated: whether R is estimated; with False, R = I (independent terms).
         scale_prior: None, "exponential", "half_normal" or a `ScalePrior` instance: a
             hyperprior on each sigma_j.
+        correlation_prior: None (a flat prior on R) or eta > 0: R ~ LKJ(eta), density
+            proportional to det(R)^(eta - 1) (eta = 1 uniform, eta > 1 shrinks R toward
+            the identity); needs `correlated=True`.
         initial_group_scale: starting value of every sigma_j (its posterior median with a
             hyperprior).
         initial_posterior_scale: initial posterior standard deviation of each coefficient
@@ -944,6 +952,7 @@ class RandomEffects(_GroupLayer):
         intercept: bool = True,
         correlated: bool = True,
         scale_prior=None,
+        correlation_prior: float | None = None,
         initial_group_scale: float = 1.0,
         initial_posterior_scale: float = 0.1,
         term_names: list | None = None,
@@ -970,6 +979,24 @@ class RandomEffects(_GroupLayer):
             )
         _check_positive("initial_group_scale", initial_group_scale)
         _check_positive("initial_posterior_scale", initial_posterior_scale)
+        if correlation_prior is not None:
+            if (
+                isinstance(correlation_prior, bool)
+                or not isinstance(correlation_prior, numbers.Real)
+                or not 0 < correlation_prior < np.inf
+            ):
+                raise ValueError(
+                    "`correlation_prior` must be None or a positive finite number (the LKJ "
+                    f"eta). Received: correlation_prior={correlation_prior!r}"
+                )
+            if not correlated:
+                raise ValueError(
+                    "`correlation_prior` is a prior on the correlation R, which "
+                    "correlated=False fixes at the identity. Received: "
+                    f"correlation_prior={correlation_prior!r}, correlated=False"
+                )
+            correlation_prior = float(correlation_prior)
+        self.correlation_prior = correlation_prior
         self.num_groups = int(num_groups)
         self.num_slopes = int(num_slopes)
         self.intercept = bool(intercept)
@@ -1065,6 +1092,19 @@ class RandomEffects(_GroupLayer):
     def _prior_scale_tril(self, sigma):
         """Cholesky factor diag(sigma) L_R of Sigma; sigma `(..., num_terms)`."""
         return ops.expand_dims(sigma, -1) * self._correlation_cholesky()
+
+    def _correlation_penalty(self):
+        """-log LKJ(R | eta) less its constant: -(eta - 1) log det R, with
+        log det R = 2 sum log diag(L_R); 0 without a `correlation_prior`."""
+        if self.correlation_prior is None or not self._has_correlation:
+            return 0.0
+        log_det_r = 2.0 * ops.sum(ops.log(tf.linalg.diag_part(self._correlation_cholesky())))
+        return (1.0 - self.correlation_prior) * log_det_r
+
+    def _hyperprior_kl(self):
+        """KL(q(sigma) || p(sigma)) plus the LKJ penalty on the point estimate R: the
+        model-wide part of the loss, added once per step."""
+        return super()._hyperprior_kl() + self._correlation_penalty()
 
     def _expected_precision(self):
         """P: Sigma^-1, or E[Sigma^-1] under q(sigma) = prod_j LogNormal(mu_j, s_j).
@@ -1302,6 +1342,7 @@ class RandomEffects(_GroupLayer):
             intercept=self.intercept,
             correlated=self.correlated,
             **self._scale_config(),
+            correlation_prior=self.correlation_prior,
             term_names=self.term_names,
             seed=self.seed,
         )

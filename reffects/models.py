@@ -84,6 +84,7 @@ def build_mixed_model(
     intercept_init=0.0,
     prior_scale: float = 10.0,
     scale_prior=None,
+    correlation_prior: float | None = None,
     initial_group_scale: float = 1.0,
     num_examples: int | None = None,
     seed: int | None = None,
@@ -101,7 +102,8 @@ def build_mixed_model(
     (one entry per factor: None, or the positions of the features whose slopes vary by
     that factor's groups), a factor with slopes gets a `RandomEffects` layer
     `random_effects_k` on its ids and those features (a `SelectFeatures` named `slopes_k`,
-    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes`,
+    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes` (then
+    under an LKJ(`correlation_prior`) prior on their correlation if that is given),
     without a random intercept where `random_intercepts[k]` is False (default: all True).
     `FixedEffects` sees
     every feature. The subnetwork, ReLU layers of `hidden_units` and then
@@ -197,6 +199,7 @@ def build_mixed_model(
                 intercept=bool(random_intercepts[k]),
                 correlated=correlated_slopes,
                 scale_prior=scale_prior,
+                correlation_prior=correlation_prior if correlated_slopes else None,
                 initial_group_scale=initial_group_scale,
                 seed=next_seed(),
                 name=f"random_effects_{k}",
