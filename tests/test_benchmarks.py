@@ -15,8 +15,8 @@ def _load(name):
     return module
 
 
-# The scripts below build 5 to 9 Keras models each even at smoke size (30-80 s on two
-# cores): they run with `pytest -m slow`; the other benchmark scripts run by default.
+# The scripts marked slow build 5 to 9 Keras models each even at smoke size (17-80 s on two
+# cores): they run with `pytest -m slow` (in CI too); the other benchmark scripts by default.
 @pytest.mark.slow
 def test_remnn_simulation_smoke(capsys):
     _load("remnn_simulation").main(
@@ -68,6 +68,7 @@ def test_lmm_tools_smoke(capsys):
     assert "sigma vs REML" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_overhead_and_groups_scale_smoke(capsys):
     _load("overhead").main(
         "--rows 4000 --groups 50 --rounds 2 --batch-sizes 1024 --no-append".split()

@@ -70,6 +70,7 @@ def _assert_same_training(run, reference):
         np.testing.assert_allclose(run[key], reference[key], atol=2e-5, err_msg=key)
 
 
+@pytest.mark.slow  # 19 s on 2 cores: in CI's slow run
 def test_mirrored_strategy_on_two_logical_cpus_matches_one_device(single_device, tmp_path):
     mirrored = _run("mirrored", tmp_path / "mirrored.npz")
     _assert_same_training(mirrored, single_device)
