@@ -487,12 +487,7 @@ def _slope_positions(X, random_slopes, cols, group_positions, feature_positions)
             "`random_slopes` must be a dict mapping group columns to lists of feature "
             f"columns, e.g. {{'Subject': ['Days']}}. Received: random_slopes={slopes!r}"
         )
-    unknown = [key for key in slopes if key not in cols]
-    if unknown:
-        raise ValueError(
-            f"`random_slopes` names {unknown[0]!r}, which is not in `group_cols` "
-            f"({cols}); its keys are grouping columns"
-        )
+    _check_group_keys("random_slopes", slopes, cols)
     result = []
     for col in cols:
         slope_cols = _as_column_list(slopes.get(col, []))
@@ -512,6 +507,16 @@ def _slope_positions(X, random_slopes, cols, group_positions, feature_positions)
     return result
 
 
+def _check_group_keys(name, mapping, cols):
+    """Raises when a key of the dict parameter `name` is not a grouping column."""
+    unknown = [key for key in mapping if key not in cols]
+    if unknown:
+        raise ValueError(
+            f"`{name}` names {unknown[0]!r}, which is not in `group_cols` ({cols}); its keys "
+            "are grouping columns"
+        )
+
+
 def _random_intercepts(random_intercept, cols, slopes) -> list:
     """Per grouping factor, whether it has a random intercept (`random_intercept` is a
     bool for every factor or a dict group column -> bool, True where a factor is left out);
@@ -526,12 +531,7 @@ def _random_intercepts(random_intercept, cols, slopes) -> list:
             "`random_intercept` must be True, False or a dict mapping group columns to True "
             f"or False, e.g. {{'Subject': False}}. Received: random_intercept={random_intercept!r}"
         )
-    unknown = [key for key in flags if key not in cols]
-    if unknown:
-        raise ValueError(
-            f"`random_intercept` names {unknown[0]!r}, which is not in `group_cols` "
-            f"({cols}); its keys are grouping columns"
-        )
+    _check_group_keys("random_intercept", flags, cols)
     result = [bool(flags.get(col, True)) for col in cols]
     for col, intercept, positions in zip(cols, result, slopes):
         if not intercept and not positions:
