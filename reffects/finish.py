@@ -936,6 +936,7 @@ def finish_gaussian(
     noise_scale = float(model.likelihood.noise_scale())
     layout = system.covariance_factors
     theta = layout.theta([_covariance_factor(layer, noise_scale) for layer in layers])
+    theta, noise_scale = _better_start(system, theta, noise_scale, y - held, weights, codes, reml)
     theta, noise_scale = system.fit(theta, noise_scale, reml=reml)
     priors = _Priors(layers)
     if priors.any:
@@ -945,6 +946,41 @@ def finish_gaussian(
     model.likelihood.set_noise_scale(noise_scale)
     _write_scale_posteriors(system, layers, priors, theta, noise_scale, reml)
     return posterior
+
+
+def _better_start(system, theta, noise_scale, response, weights, codes, reml):
+    """The start of the search: the layers' theta (SGD's, or their initial values) or a
+    moment estimate, whichever has the lower criterion; s is the profiled one there.
+
+    The moment estimate sets each random intercept's sigma_k^2 to its groups' weighted
+    between-group variance of the response less what the noise puts there (one-way ANOVA,
+    factor by factor) over the smallest within-group variance; slope factors keep theirs.
+    On InstEval (three crossed factors, no SGD) it cut L-BFGS-B's evaluations from 30.
+    """
+    if not system.num_levels:
+        return theta, noise_scale
+    total = weights.sum()
+    centred = response - weights @ response / total
+    variance = weights @ np.square(centred) / total
+    between, within = [], []
+    for k, (levels, d) in enumerate(zip(system.num_levels, system.num_terms)):
+        counts = np.bincount(codes[k], weights, levels)
+        sums = np.bincount(codes[k], weights * centred, levels)
+        seen = counts > 0
+        part = np.sum(np.square(sums[seen]) / counts[seen]) / total
+        noise_part = (variance - part) * np.count_nonzero(seen) / total
+        between.append(max(part - noise_part, 0.0) if d == 1 else None)
+        within.append(variance - part)
+    noise = max(min(within), 1e-3 * variance, 1e-300)
+    factors = system.covariance_factors.matrices(theta)
+    for k, sigma_squared in enumerate(between):
+        if sigma_squared is not None:
+            factors[k] = np.array([[np.clip(np.sqrt(sigma_squared / noise), 1e-2, 1e2)]])
+    moments = system.covariance_factors.theta(factors)
+    starts = [(theta, float(noise_scale) ** 2), (moments, noise)]
+    scored = [system.criterion(t, v, reml) for t, v in starts]
+    (best, _), (_, _, profiled) = min(zip(starts, scored), key=lambda pair: pair[1][0])
+    return best, float(np.sqrt(profiled))
 
 
 @_one_blas_thread
