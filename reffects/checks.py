@@ -317,6 +317,22 @@ def numeric_values(label, column: pd.Series) -> np.ndarray:
     return values
 
 
+def first_unhashable(values):
+    """`(row, value)` of the first value that cannot be hashed (a list, a dict, ...), or
+    None: what makes pandas' factorize raise a bare TypeError.
+
+    Example:
+        >>> first_unhashable(["a", ["b"], "c"])
+        (1, ['b'])
+    """
+    for row, value in enumerate(values):
+        try:
+            hash(value)
+        except TypeError:
+            return row, value
+    return None
+
+
 def category_labels(label, column: pd.Series):
     """A categorical feature column as `(codes, labels)`: each row's position in `labels`
     (its distinct values, in order of appearance), -1 where it is missing.
@@ -329,16 +345,15 @@ def category_labels(label, column: pd.Series):
     try:
         codes, labels = pd.factorize(column, use_na_sentinel=True)
     except TypeError:
-        for row, value in enumerate(column):
-            try:
-                hash(value)
-            except TypeError:
-                raise ValueError(
-                    f"feature column {label!r} holds an unhashable value at row {row} "
-                    f"({type(value).__name__} {value!r}); category labels must be scalars "
-                    "such as strings"
-                ) from None
-        raise
+        found = first_unhashable(column)
+        if found is None:
+            raise
+        row, value = found
+        raise ValueError(
+            f"feature column {label!r} holds an unhashable value at row {row} "
+            f"({type(value).__name__} {value!r}); category labels must be scalars such as "
+            "strings"
+        ) from None
     return np.asarray(codes, dtype="int64"), pd.Index(np.asarray(labels, dtype=object))
 
 

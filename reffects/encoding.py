@@ -26,7 +26,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from reffects.checks import FLOAT32_MAX, category_labels, is_categorical, numeric_values
+from reffects.checks import (
+    FLOAT32_MAX,
+    category_labels,
+    first_unhashable,
+    is_categorical,
+    numeric_values,
+)
 
 _UNSEEN_WARNING_SHARE = 0.5
 """Warn when more than this share of a factor's labels at predict were not seen in fit."""
@@ -397,15 +403,14 @@ def group_codes(col, levels: pd.Index, values, warn_unseen: bool) -> np.ndarray:
 
 
 def _unhashable_label_error(col, values) -> ValueError:
-    for row, value in enumerate(values):
-        try:
-            hash(value)
-        except TypeError:
-            return ValueError(
-                f"group column {col!r} holds an unhashable label at row {row} "
-                f"({type(value).__name__} {value!r}); group labels must be scalars such as "
-                "strings or integers"
-            )
+    found = first_unhashable(values)
+    if found is not None:
+        row, value = found
+        return ValueError(
+            f"group column {col!r} holds an unhashable label at row {row} "
+            f"({type(value).__name__} {value!r}); group labels must be scalars such as "
+            "strings or integers"
+        )
     return ValueError(f"group column {col!r} holds labels that cannot be compared")
 
 
