@@ -367,3 +367,90 @@ def _cholesky_psd(covariance) -> np.ndarray:
     variance)."""
     values, vectors = np.linalg.eigh(covariance)
     return vectors * np.sqrt(np.clip(values, 0.0, None))[..., None, :]
+
+
+class GroupsGivenFixedPosterior(IndependentGroupsPosterior):
+    """A Normal posterior whose groups are independent of each other given the fixed
+    effects, each correlated with them: `sparse_finish`'s, for crossed factors too wide for
+    a `JointPosterior`. Random intercepts (one term per group).
+
+        beta ~ Normal(fixed_mean, fixed_covariance)
+        b_k[g] | beta ~ Normal(mean_k[g] + R_k[g] (beta - fixed_mean), given_fixed_k[g])
+
+    with R_k = coupling_k fixed_covariance^-1, so Cov(b_k[g], beta) = coupling_k[g].
+
+    Args:
+        fixed_mean, fixed_covariance: `(p,)` and `(p, p)`, beta's (alpha first).
+        offset_means: per factor, `(num_levels, 1)` its offsets' means.
+        given_fixed: per factor, `(num_levels,)` each offset's variance given beta.
+        couplings: per factor, `(num_levels, p)` each offset's covariance with beta.
+
+    Example:
+        >>> posterior = GroupsGivenFixedPosterior(
+        ...     np.array([1.0]), np.array([[0.04]]), [np.array([[0.5], [-0.5]])],
+        ...     [np.array([0.1, 0.1])], [np.array([[-0.02], [0.0]])])
+        >>> posterior.offset_sd(0).round(4).tolist()  # sqrt(0.1 + 0.02^2 / 0.04)
+        [[0.3317], [0.3162]]
+        >>> # Var(alpha + b_0) = 0.04 + 0.11 - 2 * 0.02
+        >>> posterior.predictor_variance(np.ones((1, 1)), [np.array([0])]).round(4).tolist()
+        [0.11]
+    """
+
+    def __init__(self, fixed_mean, fixed_covariance, offset_means, given_fixed, couplings):
+        self._fixed_covariance = np.asarray(fixed_covariance, "float64")
+        inverse = np.linalg.pinv(self._fixed_covariance, hermitian=True)
+        self._regressions = [np.asarray(c, "float64") @ inverse for c in couplings]
+        self._given_fixed = [np.asarray(v, "float64") for v in given_fixed]
+        marginal = [
+            (v + np.sum(r * c, axis=1))[:, None, None]
+            for v, r, c in zip(self._given_fixed, self._regressions, couplings)
+        ]
+        fixed_sd = np.sqrt(np.diag(self._fixed_covariance))
+        super().__init__(fixed_mean, fixed_sd, offset_means, marginal)
+
+    def fixed_covariance(self) -> np.ndarray:
+        return self._fixed_covariance
+
+    def _given_fixed_rows(self, design, codes, terms):
+        """Each row's eta as a + b . beta + noise: b `(n, p)` and the noise's variance."""
+        terms = _row_terms(codes, terms)
+        slope = np.asarray(design, "float64").copy()
+        variance = np.zeros(len(slope))
+        for k, (c, t) in enumerate(zip(codes, terms)):
+            slope += t[:, :1] * self._regressions[k][c]
+            variance += np.square(t[:, 0]) * self._given_fixed[k][c]
+        return slope, variance
+
+    def predictor_variance(self, design, codes, terms=None) -> np.ndarray:
+        slope, variance = self._given_fixed_rows(design, codes, terms)
+        return np.einsum("ni,ij,nj->n", slope, self._fixed_covariance, slope) + variance
+
+    def _draw_fixed(self, num_samples, rng):
+        factor = _cholesky_psd(self._fixed_covariance)
+        noise = rng.standard_normal((num_samples, len(self._fixed_mean)))
+        return self._fixed_mean + noise @ factor.T
+
+    def sample(self, num_samples: int, rng) -> tuple:
+        fixed = self._draw_fixed(num_samples, rng)
+        offsets = []
+        for k, mean in enumerate(self._means):
+            noise = rng.standard_normal((num_samples, len(mean)))
+            given = mean[:, 0] + (fixed - self._fixed_mean) @ self._regressions[k].T
+            offsets.append((given + noise * np.sqrt(self._given_fixed[k]))[..., None])
+        return fixed, offsets
+
+    def sample_predictor(self, design, codes, num_samples: int, rng, terms=None) -> np.ndarray:
+        """Draws of eta's linear part `(num_samples, n)`; rows of one group share its draw."""
+        terms = _row_terms(codes, terms)
+        fixed = self._draw_fixed(num_samples, rng)
+        eta = fixed @ np.asarray(design, "float64").T
+        for k, (c, t) in enumerate(zip(codes, terms)):
+            groups, row_group = np.unique(c, return_inverse=True)
+            noise = rng.standard_normal((num_samples, len(groups)))
+            given = (
+                self._means[k][groups, 0]
+                + (fixed - self._fixed_mean) @ self._regressions[k][groups].T
+            )
+            draws = given + noise * np.sqrt(self._given_fixed[k][groups])
+            eta += draws[:, row_group] * t[:, 0]
+        return eta

@@ -2,19 +2,22 @@
 
 With class 0 the reference, for row i and the other classes c = 1, ..., K - 1,
 
-    eta_ic = d_i . beta_c + sum_k b_k[g_k(i), c],        d_i = [1, x_i]
+    eta_ic = h_ic + d_i . beta_c + sum_k b_k[g_k(i), c],        d_i = [1, x_i]
     y_i ~ Categorical(softmax(0, eta_i1, ..., eta_i,K-1))
     b_k[g] ~ Normal(0, diag(sigma_k1^2, ..., sigma_k,K-1^2)),   beta_c ~ Normal(m0, P0^-1)
+
+where h_ic is held fixed (a subnetwork's output for class c against class 0, or 0).
 
 glmer has no multinomial family; this is its Laplace fit (`reffects.finish`'s
 `GeneralizedMixedModel`) carried over. One penalised IRLS step needs, per row, the
 (K-1) x (K-1) weight W_i = diag(p_i) - p_i p_i' (p_i the other classes' probabilities) and
-the working response z_i = eta_i + W_i^-1 (y_i - p_i). Writing W_i = L_i L_i' (Cholesky),
+the working response z_i = eta_i - h_i + W_i^-1 (y_i - p_i). Writing W_i = L_i L_i' (Cholesky),
 
-    (z_i - eta_i)' W_i (z_i - eta_i) = sum_r (L_i'[r, :] z_i - L_i'[r, :] eta_i)^2,
+    (z_i - e_i)' W_i (z_i - e_i) = sum_r (L_i'[r, :] z_i - L_i'[r, :] e_i)^2,
 
-so the step is an ordinary weighted penalised least-squares problem on K - 1 pseudo-rows
-per row: pseudo-row r has response L_i'[r, :] z_i = (L_i' eta_i + L_i^-1 (y_i - p_i))_r,
+e_i = eta_i - h_i the linear part, so the step is an ordinary weighted penalised
+least-squares problem on K - 1 pseudo-rows per row: pseudo-row r has response
+L_i'[r, :] z_i = (L_i' e_i + L_i^-1 (y_i - p_i))_r,
 the row's weight, fixed design kron(L_i'[r, :], d_i) (beta class by class) and, for each
 factor, d = K - 1 "terms" L_i'[r, :] on its group's K - 1 offsets, independent
 (`correlated=False`): a `LinearMixedSystem` with random slopes. Its log det is that of
@@ -24,7 +27,8 @@ used as they are; the predictor, the deviance and the working system change, and
 the fit: sigma maximises the Laplace approximation with (u, beta) at their joint mode
 (glmer's nAGQ = 0; `MultinomialMixedModel.fit` says why not its second stage).
 
-A model with a subnetwork stays with SGD alone (`RandomEffectsClassifier`).
+With a subnetwork, h is its output, held while the linear part is fitted; the subnetwork
+guard (`training_recipe.choose_subnetwork_weight`) weighs it as it does for two classes.
 """
 
 import numpy as np
@@ -47,6 +51,19 @@ _WEIGHT_JITTER = 1e-12
 probability is ~0 (separable rows), as the binary fit floors p (1 - p) at 1e-12."""
 
 
+def _held_logits(held, num_rows, num_classes):
+    """h as `(n, K - 1)` log odds against class 0, from a scalar, `(n, K - 1)` or `(n, K)`."""
+    held = np.asarray(held, "float64")
+    if held.shape == (num_rows, num_classes):
+        held = held[:, 1:] - held[:, :1]  # the softmax is unchanged by a shift per row
+    if held.ndim == 0 or held.shape == (num_rows, num_classes - 1):
+        return np.broadcast_to(held, (num_rows, num_classes - 1))
+    raise ValueError(
+        f"`held` must be a scalar or of shape ({num_rows}, {num_classes - 1}) or "
+        f"({num_rows}, {num_classes}) (num_classes={num_classes}). Received shape {held.shape}"
+    )
+
+
 class MultinomialMixedModel(GeneralizedMixedModel):
     """A multinomial logit mixed model's linear part fitted as glmer fits a GLMM.
 
@@ -59,6 +76,8 @@ class MultinomialMixedModel(GeneralizedMixedModel):
         prior_mean, prior_precision: `((K - 1) p,)` (or scalars) beta's Normal prior, class
             by class (class c's `[alpha_c, *beta_c]` at `[(c - 1) p, c p)`).
         num_classes: K, at least 2.
+        held: h, the part of eta held fixed: `(n, K - 1)` (against class 0), `(n, K)`
+            (one column per class; h_c is column c less column 0), or a scalar (0: none).
 
     theta holds sigma_kc, factor by factor (`CovarianceFactors` with K - 1 independent
     terms per factor); beta is `((K - 1) p,)` as the prior; the offsets u are one
@@ -89,6 +108,7 @@ class MultinomialMixedModel(GeneralizedMixedModel):
         prior_mean,
         prior_precision,
         num_classes,
+        held=0.0,
     ):
         if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
             raise ValueError(
@@ -118,10 +138,11 @@ class MultinomialMixedModel(GeneralizedMixedModel):
         self.terms = [np.broadcast_to(1.0, (num_rows, d)) for _ in self.codes]
         self.correlated = [False] * len(self.codes)
         self.covariance_factors = CovarianceFactors([d] * len(self.codes), self.correlated)
+        self.held = _held_logits(held, num_rows, self.num_classes)
 
     def _predictor(self, theta, offsets, beta):
         """eta, `(n, K - 1)`."""
-        eta = self.row_design @ np.reshape(beta, (self.num_classes - 1, -1)).T
+        eta = self.held + self.row_design @ np.reshape(beta, (self.num_classes - 1, -1)).T
         for codes, u, factor in zip(self.codes, offsets, self.covariance_factors.matrices(theta)):
             eta = eta + (u @ factor.T)[codes]
         return eta
@@ -150,7 +171,7 @@ class MultinomialMixedModel(GeneralizedMixedModel):
         weight[:, diagonal, diagonal] += p + _WEIGHT_JITTER
         lower = np.linalg.cholesky(weight)  # L_i, (n, K - 1, K - 1)
         residual = np.linalg.solve(lower, (self.indicators - p)[..., None])[..., 0]
-        response = np.einsum("icr,ic->ir", lower, eta) + residual  # L_i' z_i
+        response = np.einsum("icr,ic->ir", lower, eta - self.held) + residual  # L_i' z_i
         terms = np.swapaxes(lower, 1, 2).reshape(-1, d)  # pseudo-row (i, r): L_i'[r, :]
         design = np.einsum("rc,rj->rcj", terms, np.repeat(self.row_design, d, axis=0))
         design = design.reshape(len(terms), -1)
@@ -281,19 +302,28 @@ def _newton_polish(objective, values, bounds, steps=3):
 
 
 def finish_multinomial(
-    model, intercept, factors, fixed_effects=None, features=None, *, y, sample_weight=None
+    model,
+    intercept,
+    factors,
+    fixed_effects=None,
+    features=None,
+    *,
+    y,
+    held=0.0,
+    sample_weight=None,
 ) -> JointPosterior:
     """Moves a multinomial mixed model's linear part to the Laplace estimates and posterior.
 
     Args:
-        model: an `ELBOModel` with a `Categorical` likelihood and no subnetwork (one with
-            a subnetwork is fitted by SGD alone).
+        model: an `ELBOModel` with a `Categorical` likelihood.
         intercept: its `GlobalIntercept` (units K - 1).
         factors: list of `(RandomIntercept, training ids)` pairs, units K - 1, each without
-            a `scale_prior`.
+            a `scale_prior` (a third entry, `finish_glmm`'s slope inputs, is ignored: None).
         fixed_effects: its `FixedEffects` (units K - 1), or None; `features` its `(n, p - 1)`
             input.
         y: `(n, K)` one-hot classes.
+        held: the part of eta held fixed (a subnetwork's output), `(n, K - 1)` or `(n, K)`
+            as `MultinomialMixedModel` takes it, or 0.
         sample_weight: `(n,)` frequency weights, or None.
 
     The fit starts from the layers' current values (SGD's, or the starting model's). Each
@@ -360,6 +390,7 @@ def finish_multinomial(
         np.tile(prior_mean, d),
         np.tile(prior_precision, d),
         num_classes,
+        held,
     )
     sigma = [np.asarray(layer.group_scale(), "float64") for layer in layers]
     offsets = [

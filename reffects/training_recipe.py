@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from reffects.likelihoods import Gaussian, Poisson
+from reffects.likelihoods import Categorical, Gaussian, Poisson
 from reffects.models import build_mixed_model, mixed_model_layers
 from reffects.optimizers import LazyAdam
 from reffects.posteriors import inverse_softplus
@@ -115,9 +115,10 @@ def subnetwork_schedules(num_rows: int) -> list:
 def build_starting_model(likelihood, data, model_y, weights, *, random_slopes, **model_options):
     """`build_mixed_model` at the estimators' starting values.
 
-    The intercept starts at the link of y's (weighted) mean, each group's offset scale at
-    0.5 and, for a random intercept, each group's posterior sd at its Laplace value at
-    that start. `data` is the `EncodedData` of the training rows, `model_y` and `weights`
+    The intercept starts at the link of y's (weighted) mean (with K classes, the log odds
+    of each class's share against class 0's), each group's offset scale at 0.5 and, for a
+    random intercept, each group's posterior sd (per class) at its Laplace value at that
+    start. `data` is the `EncodedData` of the training rows, `model_y` and `weights`
     their y on the model's scale and their sample weights (or None); `model_options` are
     the rest of `build_mixed_model`'s arguments.
 
@@ -135,7 +136,7 @@ def build_starting_model(likelihood, data, model_y, weights, *, random_slopes, *
     model = build_mixed_model(
         num_features=data.features.shape[1],
         likelihood=likelihood,
-        intercept_init=float(likelihood.link(initial_mean)),
+        intercept_init=keras.ops.convert_to_numpy(likelihood.link(initial_mean)),
         initial_group_scale=_INITIAL_GROUP_SCALE,
         num_examples=len(model_y),
         random_slopes=random_slopes,
@@ -147,10 +148,15 @@ def build_starting_model(likelihood, data, model_y, weights, *, random_slopes, *
 
 def _initial_mean(likelihood, model_y, weights):
     """The starting response mean (the intercept starts at its link) and the Fisher
-    information about eta of each row there, on the model's scale."""
+    information about eta of each row there (K classes: `(n, K - 1)`, each class's
+    diagonal entry), on the model's scale."""
     weights = np.ones(len(model_y)) if weights is None else weights
     if isinstance(likelihood, Gaussian):
         return 0.0, weights / INITIAL_NOISE_SCALE**2
+    if isinstance(likelihood, Categorical):  # model_y one-hot
+        share = np.maximum(weights @ model_y.astype("float64") / max(np.sum(weights), 1e-12), 1e-3)
+        share /= share.sum()
+        return share, weights[:, None] * share[1:] * (1.0 - share[1:])
     mean = float(np.sum(weights * model_y) / max(np.sum(weights), 1e-12))
     if isinstance(likelihood, Poisson):
         mean = max(mean, 1e-3)
@@ -166,9 +172,13 @@ def _initialise_offsets(model, codes, row_information, random_slopes):
         layer.adapt(group_codes)
         if random_slopes[k]:
             continue  # a RandomEffects layer keeps its own starting q
-        information = np.bincount(group_codes, weights=row_information, minlength=layer.num_groups)
+        information = np.reshape(row_information, (len(group_codes), -1))  # a column per unit
+        information = np.stack(
+            [np.bincount(group_codes, c, minlength=layer.num_groups) for c in information.T],
+            axis=1,
+        )
         sd = 1.0 / np.sqrt(information + 1.0 / _INITIAL_GROUP_SCALE**2)
-        layer.offset_untransformed_scale.assign(inverse_softplus(sd)[:, None].astype("float32"))
+        layer.offset_untransformed_scale.assign(inverse_softplus(sd).astype("float32"))
 
 
 def validation_rows(num_rows: int, validation_fraction: float, seed) -> np.ndarray:
@@ -232,10 +242,12 @@ def subnetwork_columns(features, columns=None, categorical=None) -> list | None:
 
 def subnetwork_output(model, inputs) -> np.ndarray:
     """The output of the layer `subnetwork_output` of a `build_mixed_model` network at the
-    posterior means (no dropout), as float64 of shape (n,)."""
+    posterior means (no dropout), as float64 of shape (n,), or (n, K - 1) with K classes."""
     network = model.network
     head = keras.Model(network.inputs, network.get_layer("subnetwork_output").output)
-    return predict_means(head, inputs)
+    output = predict_means(head, inputs)
+    units = model.likelihood.predictor_units
+    return output if units == 1 else output.reshape(-1, units)
 
 
 def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_WEIGHTS, start=None):
@@ -462,10 +474,13 @@ def mean_nll(model, inputs, y, weights) -> float:
 
 
 def _nll(likelihood, eta, y, weights):
-    """The mean negative log-likelihood of `y` at the predictor `eta` (both `(n,)`)."""
-    mean = likelihood.call(keras.ops.cast(keras.ops.convert_to_tensor(eta[:, None]), "float32"))
+    """The mean negative log-likelihood of `y` at the predictor `eta`: both `(n,)`, or with
+    K classes y one-hot `(n, K)` and eta `predict_means`'s flattened `(n, K - 1)`."""
+    y = np.asarray(y, "float32").reshape(len(y), -1)
+    eta = np.reshape(eta, (len(y), likelihood.predictor_units))
+    mean = likelihood.call(keras.ops.cast(keras.ops.convert_to_tensor(eta), "float32"))
     sample_weight = None if weights is None else np.asarray(weights, "float32")[:, None]
-    nll = likelihood.mean_nll(np.asarray(y, "float32")[:, None], mean, sample_weight)
+    nll = likelihood.mean_nll(y, mean, sample_weight)
     return float(keras.ops.convert_to_numpy(nll))
 
 

@@ -352,6 +352,34 @@ def test_fit_maximises_the_laplace_approximation_and_ignores_weights_form_and_st
     np.testing.assert_allclose(other[2], beta, atol=1e-8)
 
 
+def test_a_held_offset_moves_only_the_coefficients_it_duplicates():
+    # h = x0 c held (a subnetwork's output that happens to be linear in x0): under a flat
+    # prior on beta the penalised deviance at (u, beta) with h equals that at
+    # (u, beta + c on x0) without it, so the fit is the same but for x0's coefficients,
+    # which move by -c. As `(n, K)` (one column per class, any shift per row: the
+    # softmax ignores it), h gives the same fit. The fits converge theta to ~1e-9 (the
+    # test above): 1e-8.
+    labels, weights, design, groups = _finish_data()
+    c = np.array([0.7, -0.4, 0.2])
+    held = design[:, [1]] * c
+
+    def fit(h):
+        model = MultinomialMixedModel(labels, weights, design, [groups], [8], 0.0, 0.0, 4, h)
+        return model.fit(np.full(3, 0.5), [np.zeros((8, 3))], np.zeros(9))
+
+    theta, offsets, beta = fit(0.0)
+    moved = beta.reshape(3, 3).copy()
+    moved[:, 1] -= c
+    row_shift = np.random.default_rng(0).normal(size=(len(labels), 1))
+    for h in (held, np.column_stack([row_shift, row_shift + held])):
+        other = fit(h)
+        np.testing.assert_allclose(other[0], theta, atol=1e-8)
+        np.testing.assert_allclose(other[1][0], offsets[0], atol=1e-8)
+        np.testing.assert_allclose(other[2], moved.reshape(-1), atol=1e-8)
+    with pytest.raises(ValueError, match=r"`held` must be a scalar or of shape \(240, 3\)"):
+        MultinomialMixedModel(labels, weights, design, [groups], [8], 0.0, 0.0, 4, held[:, :2])
+
+
 def test_finish_writes_the_laplace_marginals_into_the_layers():
     features, groups, y = _multinomial_data(num_rows=300)
     model = build_mixed_model(2, [12], likelihood=Categorical(num_classes=3), seed=0)
@@ -518,6 +546,7 @@ def test_subnetwork_weights_and_early_stopping_with_three_classes():
     ).fit(X, labels, sample_weight=np.full(len(X), 2.0))
     assert clf.model_.network.get_layer("subnetwork_output").units == 2
     assert "val_loss" in clf.history_ and len(clf.history_["loss"]) <= 30
+    assert 0.0 <= clf.subnetwork_weight_ <= 1.0  # guarded (tests/test_multiclass_guard.py)
     np.testing.assert_allclose(clf.predict_proba(X).sum(axis=1), 1.0, rtol=1e-12)
 
 
