@@ -24,8 +24,8 @@ than there where the full size would take minutes a fit; the size is in the tabl
   (binary: 5,000 rows, one draw; its Laplace finish, run four times by a guarded fit, took
   4 minutes on 16,000 rows on the loaded 2-core VM);
 - missing values MCAR and MAR: `missing_values.simulate` (NaN in x1, training and test);
-- multiclass: `multiclass.simulate` (3 classes, 100 groups; with K > 2 the subnetwork is
-  trained by SGD alone, without the guard);
+- multiclass: `multiclass.simulate` (3 classes, 100 groups; guarded as for two classes,
+  with the multinomial Laplace finish and the subnetwork's output held);
 - dummies, linear and nonlinear truth: `problems.dummies_and_continuous` (subnetwork_guard);
 - random slopes: `random_slopes.slopes_problem` (part 1, linear) and
   `random_slopes.longitudinal_problem` (part 2, LMMNN's slopes simulation, nonlinear), both
@@ -339,7 +339,7 @@ def main(argv=None):
             "grouping factors (and random slopes where its benchmark has them) at the "
             "defaults, without a subnetwork ('linear') and with `hidden_units=(64, 32)`. "
             "'ratio': held-out MSE (log loss) of the subnetwork fit over the linear fit's, "
-            "per draw; 'w': `subnetwork_weight_` ('-': none, K > 2 classes). Fit seconds: "
+            "per draw; 'w': `subnetwork_weight_` ('-': none, no exact finish). Fit seconds: "
             "wall clock of `fit`, median. Left out: reedfrogs (no features), finish_speed's "
             "crossed factors (refused by the exact finish at that size), IMDb (own script). "
             "Goal: every ratio at most 1 (within noise on a linear truth).",

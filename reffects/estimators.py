@@ -42,7 +42,7 @@ from reffects.encoding import (
     standardise,
 )
 from reffects.finish import finish_gaussian, finish_glmm
-from reffects.joint_posterior import IndependentGroupsPosterior
+from reffects.joint_posterior import IndependentGroupsPosterior, JointPosterior
 from reffects.layers import RandomIntercept
 from reffects.likelihoods import Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
 from reffects.models import mixed_model_layers
@@ -422,15 +422,20 @@ class _MixedModelEstimator(BaseEstimator):
         check_finite_estimates(estimates, self.learning_rate)
         return self
 
-    def _finishable(self, data, likelihood) -> bool:
-        """Whether the exact finish can fit this model (`finish.exact_finish_fits`); warns
-        when it cannot: the fit is then SGD's alone."""
+    def _finish_size(self, data):
+        """The exact finish's `(num_levels, num_terms, num_fixed)`: each factor's levels (the
+        unseen level included) and terms, and the number of fixed effects."""
         num_terms = [
             int(intercept) + len(slopes or [])
             for intercept, slopes in zip(self._random_intercepts, self._random_slopes)
         ]
         num_levels = [len(levels) + 1 for levels in self._levels]
-        num_fixed = 1 + data.features.shape[1]
+        return num_levels, num_terms, 1 + data.features.shape[1]
+
+    def _finishable(self, data, likelihood) -> bool:
+        """Whether the exact finish can fit this model (`finish.exact_finish_fits`); warns
+        when it cannot: the fit is then SGD's alone."""
+        num_levels, num_terms, num_fixed = self._finish_size(data)
         gaussian = isinstance(likelihood, Gaussian)
         if finish.exact_finish_fits(num_levels, num_terms, num_fixed, gaussian):
             return True
@@ -1119,9 +1124,21 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
             return False
         return super()._finishable(data, likelihood)
 
+    def _finish_size(self, data):
+        """K > 2 classes: the multinomial finish's size (`reffects.multinomial_finish`), K - 1
+        terms per factor (one offset per class but the reference) and K - 1 coefficients
+        per fixed effect."""
+        num_levels, num_terms, num_fixed = super()._finish_size(data)
+        if len(self.classes_) == 2:
+            return num_levels, num_terms, num_fixed
+        d = len(self.classes_) - 1
+        return num_levels, [d * t for t in num_terms], d * num_fixed
+
     def _read_posteriors(self):
         if len(self.classes_) == 2:
             return super()._read_posteriors()
+        # Whether the multinomial finish ran (for `inspection.summary`'s method line)
+        self._multinomial_finished = isinstance(self.joint_posterior_, JointPosterior)
         self.joint_posterior_ = None  # K - 1 outputs, which its readers do not take
         self._read_multinomial_posteriors()
 

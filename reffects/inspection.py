@@ -22,7 +22,8 @@ For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
 `variance_components` is `VarCorr()`. For the ArviZ user: `to_inference_data`.
 
 A `RandomEffectsClassifier` of K > 2 classes (a multinomial model: the Laplace finish of
-`reffects.multinomial_finish`, or SGD alone with a subnetwork or a `scale_prior`) is read by
+`reffects.multinomial_finish`, with a subnetwork's output held fixed, or SGD alone with a
+`scale_prior` or past the finish's size limit) is read by
 `summary`, `fixed_effects` and `variance_components` only, with one row per class and term
 (the class's log odds against `classes_[0]`) and marginal sds; the other readers take
 units=1 models.
@@ -1075,9 +1076,10 @@ def _correlations(fit) -> dict:
 def _fit_method(obj) -> str:
     """The header's account of how an estimator or a Keras model was fitted: an estimator
     without a subnetwork runs no SGD unless asked (`epochs`), and then its history is
-    empty."""
+    empty. A multinomial fit (K > 2 classes) keeps no `joint_posterior_`; it records whether
+    its Laplace finish ran (with or without a subnetwork's output held)."""
     sgd = bool(getattr(obj, "history_", None))
-    if _is_multinomial(obj) and not obj.hidden_units and obj.scale_prior is None:
+    if _is_multinomial(obj) and getattr(obj, "_multinomial_finished", False):
         laplace = "a Laplace approximation with beta at its joint mode (glmer's nAGQ = 0)"
         return f"SGD on the ELBO, then {laplace}" if sgd else f"{laplace}, no SGD"
     if not isinstance(getattr(obj, "joint_posterior_", None), JointPosterior):

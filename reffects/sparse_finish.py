@@ -17,12 +17,12 @@ REML (or ML) ones. Two things differ:
   needs diag(M^-1), a selected inversion that CHOLMOD does not offer.
 - The posterior (`GroupsGivenFixedPosterior`) is exact for beta (mean and covariance), for
   every offset's mean and for each offset's covariance with beta. Each offset's variance
-  given beta is estimated by Rao-Blackwellised Monte Carlo (Siden, Lindgren, Bolin and
-  Villani 2018, "Efficient covariance approximations for large sparse precision
-  matrices", JCGS 27(4)) from `_VARIANCE_DRAWS` fixed-seed draws of N(0, M^-1): the exact
-  part 1 / M_ii plus a sampled correction, which keeps its relative error several times
-  below the plain Monte Carlo one's sqrt(2 / draws). Offsets of different factors are
-  taken as independent given beta.
+  given beta is exact for the factors with the fewest levels (`_EXACT_VARIANCE_COLUMNS`
+  in all) and, for the others, estimated by Rao-Blackwellised Monte Carlo (Siden,
+  Lindgren, Bolin and Villani 2018, "Efficient covariance approximations for large sparse
+  precision matrices", JCGS 27(4)) from `_VARIANCE_DRAWS` fixed-seed draws of
+  N(0, M^-1): the exact part 1 / M_ii plus a sampled correction. Offsets of different
+  factors are taken as independent given beta.
 
 Random intercepts only: a factor with slopes beyond the dense limit is fitted by SGD.
 """
@@ -42,6 +42,10 @@ error is sqrt(2 / 200) = 10%, and the correction is the part of an offset's vari
 the other factors' offsets leave (a few tenths of it on a crossed design), so the variance
 is within a few percent, its sd within about half that."""
 _DRAWS_PER_SOLVE = 25
+_EXACT_VARIANCE_COLUMNS = 1000
+"""Offsets whose variances are computed exactly (one solve each), the factors with the
+fewest levels first: there the sampled correction is largest (a level with many rows is
+known well given the others, and its uncertainty is mostly theirs)."""
 _FIRST_RADIUS = 0.02
 _LAST_RADIUS = 1e-6
 """The search's first and last trust regions, in intraclass correlation v: theta to about
@@ -226,14 +230,46 @@ class SparseMixedSystem(LinearMixedSystem):
         )
 
     def _conditional_variances(self, values, fixed_columns):
-        """diag((M_uu)^-1), u's variances given beta (on u's scale, per unit s^2), by
-        Rao-Blackwellised Monte Carlo at the current factorisation of M (whose stored
-        entries are `values`).
+        """diag((M_uu)^-1), u's variances given beta (on u's scale, per unit s^2), at the
+        current factorisation of M (whose stored entries are `values`): exact for the
+        factors with the fewest levels, up to `_EXACT_VARIANCE_COLUMNS`; Rao-Blackwellised
+        Monte Carlo for the others.
 
-        With x ~ N(0, M^-1) (x = P' L'^-1 e, e standard normal), x_u less its regression on
-        x_beta is a draw of N(0, M_uu^-1); for each i, (M_uu^-1)_ii = 1 / M_ii +
-        Var(sum_(j != i) M_ij x_j / M_ii), and only that second term is sampled.
+        Exact: the columns of M^-1, less beta's part, (M_uu^-1)_ii = (M^-1)_ii -
+        (M^-1)_(i,beta) ((M^-1)_beta)^-1 (M^-1)_(beta,i). Sampled: with x ~ N(0, M^-1)
+        (x = P' L'^-1 e, e standard normal), x_u less its regression on x_beta is a draw of
+        N(0, M_uu^-1), and (M_uu^-1)_ii = 1 / M_ii + Var(sum_(j != i) M_ij x_j / M_ii),
+        of which only the second term is sampled.
         """
+        u = self.num_random
+        regression = fixed_columns[:u] @ np.linalg.inv(fixed_columns[u:])
+        explained = np.einsum("ij,ij->i", regression, fixed_columns[:u])
+        exact = self._exact_columns()
+        result = np.zeros(u)
+        for part in np.array_split(exact, max(1, len(exact) // _DRAWS_PER_SOLVE)):
+            units = np.zeros((u + self.num_fixed, len(part)))
+            units[part, np.arange(len(part))] = 1.0
+            result[part] = self._solve(units)[part, np.arange(len(part))] - explained[part]
+        sampled = np.ones(u, bool)
+        sampled[exact] = False
+        if sampled.any():
+            result[sampled] = self._sampled_variances(values, regression)[sampled]
+        return result
+
+    def _exact_columns(self) -> np.ndarray:
+        """u's columns of the factors with the fewest levels, `_EXACT_VARIANCE_COLUMNS` at
+        most (whole factors)."""
+        bounds = np.cumsum([0, *self.num_levels])
+        chosen, count = [], 0
+        for k in np.argsort(self.num_levels, kind="stable"):
+            if count + self.num_levels[k] > _EXACT_VARIANCE_COLUMNS:
+                break
+            chosen.append(np.arange(bounds[k], bounds[k + 1]))
+            count += self.num_levels[k]
+        return np.concatenate(chosen) if chosen else np.zeros(0, "int64")
+
+    def _sampled_variances(self, values, regression):
+        """diag(M_uu^-1) by Rao-Blackwellised Monte Carlo (`_conditional_variances`)."""
         rows, columns = self._rows, self._columns
         u = self.num_random
         inside = (rows < u) & (columns < u) & (rows != columns)
@@ -242,7 +278,6 @@ class SparseMixedSystem(LinearMixedSystem):
         diagonal = np.zeros(u)
         on = self._diagonal[rows[self._diagonal] < u]
         diagonal[rows[on]] = values[on]
-        regression = fixed_columns[:u] @ np.linalg.inv(fixed_columns[u:])
         rng = np.random.default_rng(0)
         sampled = np.zeros(u)
         for start in range(0, _VARIANCE_DRAWS, _DRAWS_PER_SOLVE):

@@ -1,9 +1,10 @@
 """Designs too large for the exact finish: SGD's variational posterior, with a warning.
 
 The finish factors every grouping factor's coefficients but the largest's densely, at most
-`finish.MAX_DENSE_LEVELS` (4,000). Past it the estimators keep SGD's answer, say so, and
-still predict with intervals; the limit is lowered here so that a small crossed design
-crosses it.
+`finish.MAX_DENSE_LEVELS` (4,000); past it, Gaussian random intercepts go to the sparse
+finish (tests/test_sparse_finish.py), and random slopes or other likelihoods keep SGD's
+answer: the estimators say so and still predict with intervals. The limit is lowered here
+so that a small crossed design crosses it.
 """
 
 import numpy as np
@@ -23,12 +24,14 @@ def _crossed(num_rows, seed=0):
 
 
 def test_a_design_past_the_dense_limit_is_fitted_by_sgd_with_a_warning(monkeypatch):
-    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 30)  # b's 41 levels + 2 fixed: 43
+    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 30)  # b's 41 levels x 2 terms + 2 fixed
     X, eta = _crossed(3000)
     y = eta + np.random.default_rng(1).normal(0, 1.0, 3000)
     train, test = slice(0, 2000), slice(2000, None)
-    est = RandomEffectsRegressor(group_cols=["a", "b"], random_state=0)
-    with pytest.warns(UserWarning, match=r"at most 30; this model has 43\. It is fitted by SGD"):
+    # a slope on b (its variance 0 in the data): past the limit, not a sparse finish's model
+    est = RandomEffectsRegressor(group_cols=["a", "b"], random_slopes={"b": ["x"]}, random_state=0)
+    match = r"at most 30, beyond .* random intercepts only; this model has 63\. It is fitted by SGD"
+    with pytest.warns(UserWarning, match=match):
         est.fit(X[train], y[train])
     assert isinstance(est.joint_posterior_, IndependentGroupsPosterior)
     assert est.history_  # SGD ran at the default schedule

@@ -4,6 +4,7 @@ the multinomial Laplace finish (`reffects.multinomial_finish`) and
 
 import importlib.util
 import pickle
+import warnings
 from pathlib import Path
 
 import keras
@@ -20,6 +21,7 @@ from reffects import (
     ELBOModel,
     GlobalIntercept,
     RandomEffectsClassifier,
+    finish,
     inspection,
 )
 from reffects.likelihoods import Bernoulli, get_likelihood
@@ -548,6 +550,33 @@ def test_subnetwork_weights_and_early_stopping_with_three_classes():
     assert "val_loss" in clf.history_ and len(clf.history_["loss"]) <= 30
     assert 0.0 <= clf.subnetwork_weight_ <= 1.0  # guarded (tests/test_multiclass_guard.py)
     np.testing.assert_allclose(clf.predict_proba(X).sum(axis=1), 1.0, rtol=1e-12)
+    # SGD, then the multinomial Laplace finish with the subnetwork's output held
+    text = str(inspection.summary(clf))
+    laplace = "a Laplace approximation with beta at its joint mode (glmer's nAGQ = 0)"
+    assert f"fit by SGD on the ELBO, then {laplace}" in text
+    assert " Subnetwork f(x): " in text
+
+
+def test_the_dense_limit_counts_the_multinomial_model_s_coefficients(monkeypatch):
+    # K = 3: each level has K - 1 = 2 offsets and each fixed effect 2 coefficients. clinic
+    # (16 levels, the unseen one included: 32 coefficients) is the largest factor; ward's 5
+    # levels give 10, the intercept and 2 features 6: 16 in all, where counting one term per
+    # level and 1 + p fixed effects would give 5 + 3 = 8.
+    X, labels = _clinics(300, seed=2)
+    X = X.assign(ward=np.random.default_rng(2).integers(0, 4, len(X)))
+    options = {"group_cols": ["clinic", "ward"], "epochs": 2, "random_state": 0}
+    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 15)
+    with pytest.warns(
+        UserWarning, match=r"at most 15, .*; this model has 16\. It is fitted by SGD"
+    ):
+        clf = RandomEffectsClassifier(**options).fit(X, labels)
+    assert "fit by variational inference" in str(inspection.summary(clf))
+    np.testing.assert_allclose(clf.predict_proba(X).sum(axis=1), 1.0, rtol=1e-6)
+    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "fitted by SGD alone" warning
+        clf = RandomEffectsClassifier(**options).fit(X, labels)
+    assert "then a Laplace approximation" in str(inspection.summary(clf))
 
 
 def test_random_slopes_and_a_single_class_are_errors():
