@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from reffects.joint_posterior import JointPosterior
+from reffects.joint_posterior import GroupsGivenFixedPosterior, JointPosterior
 from reffects.layers import FixedEffects, GlobalIntercept, RandomEffects, RandomIntercept
 from reffects.models import mixed_model_layers
 from reffects.posteriors import normal_summary
@@ -1082,15 +1082,19 @@ def _fit_method(obj) -> str:
     if _is_multinomial(obj) and getattr(obj, "_multinomial_finished", False):
         laplace = "a Laplace approximation with beta at its joint mode (glmer's nAGQ = 0)"
         return f"SGD on the ELBO, then {laplace}" if sgd else f"{laplace}, no SGD"
-    if not isinstance(getattr(obj, "joint_posterior_", None), JointPosterior):
+    joint = getattr(obj, "joint_posterior_", None)
+    if not isinstance(joint, (JointPosterior, GroupsGivenFixedPosterior)):
         return Summary.method  # SGD alone: the variational posterior
     if getattr(obj, "family", "bernoulli") == "gaussian":
         criterion = "REML" if obj.reml else "ML"
         if obj.scale_prior is not None:  # the sds at their posterior mode
             criterion += " with scale priors"
+        posterior = ("exact joint posterior", "joint posterior")
+        if isinstance(joint, GroupsGivenFixedPosterior):  # `sparse_finish`
+            posterior = ("sparse Cholesky; offsets independent given beta",) * 2
         if not sgd:
-            return f"lme4's {criterion} (exact joint posterior), no SGD"
-        return f"SGD on the ELBO, then lme4's {criterion} finish (joint posterior)"
+            return f"lme4's {criterion} ({posterior[0]}), no SGD"
+        return f"SGD on the ELBO, then lme4's {criterion} finish ({posterior[1]})"
     if not sgd:
         return "glmer's Laplace approximation (joint posterior), no SGD"
     return "SGD on the ELBO, then glmer's Laplace finish (joint posterior)"

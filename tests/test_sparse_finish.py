@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reffects import RandomEffectsRegressor, finish, sparse_finish
+from reffects import RandomEffectsRegressor, finish, inspection, sparse_finish
 from reffects.joint_posterior import GroupsGivenFixedPosterior
 from reffects.sparse_finish import SparseMixedSystem
 
@@ -126,6 +126,7 @@ def test_the_estimator_past_the_dense_limit_is_finished_exactly(monkeypatch):
     sparse = fit()
     assert isinstance(sparse.joint_posterior_, GroupsGivenFixedPosterior)
     assert not sparse.history_  # no SGD: the finish solves the model
+    assert "lme4's REML (sparse Cholesky" in str(inspection.summary(sparse))
     # the same REML estimates (1e-4, as above)
     for col in ["a", "b", "c"]:
         assert sparse.variance_components_[col] == pytest.approx(
