@@ -115,7 +115,7 @@ class SparseMixedSystem(LinearMixedSystem):
         self._rows, self._columns = lower.row, lower.col
         self._gram = lower.data - (lower.row == lower.col)
         self._diagonal = np.flatnonzero(lower.row == lower.col)
-        self._information = np.maximum(np.einsum("ij,ij->j", design, weighted_design), 1e-300)
+        self._information = np.einsum("ij,ij->j", design, weighted_design)  # diag D'WD
         self._moment = np.concatenate([weighted_z.T @ response, weighted_design.T @ response])
         self._row_index = matrix(self._rows.astype("int32"))
         self._column_index = matrix(self._columns.astype("int32"))
@@ -125,13 +125,8 @@ class SparseMixedSystem(LinearMixedSystem):
     def _has_gradient(self) -> bool:
         return False
 
-    def _ridge_settled(self, variance, new_variance) -> bool:
-        """Also settled where the ridge's change is below 1e-8 of the data's information on
-        beta (diag D'WD), which moves the estimates by about as much relative, far below
-        lme4's 1e-3: a search again costs tens of factorisations (34 on finish_speed's four
-        crossed factors, for a ridge change of 3e-9 of the information)."""
-        change = abs(new_variance - variance) * np.max(self.prior_precision / self._information)
-        return change <= 1e-8 or super()._ridge_settled(variance, new_variance)
+    def _fixed_information(self) -> np.ndarray:
+        return self._information
 
     def _minimize(self, objective, start, bounds, analytic, near):
         """COBYQA, a derivative-free trust-region method like lme4's BOBYQA: on
