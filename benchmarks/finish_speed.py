@@ -1,10 +1,13 @@
 """The whole `fit` a user waits for: SGD warm start plus the exact Gaussian finish.
 
     python benchmarks/finish_speed.py [--rows 400000] [--groups 1000 1000000] [--repeats 3]
+        [--cases a b c d]
     python benchmarks/finish_speed.py --quick    # smoke size, a few seconds
+    python benchmarks/finish_speed.py --cases c d    # InstEval and the crossed factors alone
 
-Four comparisons in one process, every configuration fitted `--repeats` times in turn
-(round 1 fits each configuration once, then round 2, ...) and reported as medians:
+Four comparisons in one process (`--cases` names the ones to run; default all four), every
+configuration fitted `--repeats` times in turn (round 1 fits each configuration once, then
+round 2, ...) and reported as medians:
 
 a. `RandomEffectsRegressor(group_cols=["g"], epochs=2, batch_size=1024)` on the shared
    generator's data (10 features) with 1,000 vs 1,000,000 groups at the same number of rows;
@@ -217,6 +220,9 @@ def main(argv=None):
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds per mixedlm fit; then not repeated"
     )
+    parser.add_argument(
+        "--cases", nargs="+", choices=list("abcd"), default=list("abcd"), help="cases to run"
+    )
     parser.add_argument("--no-insteval", action="store_true", help="skip lme4's InstEval")
     parser.add_argument("--quick", action="store_true", help="smoke size, print only")
     parser.add_argument("--no-append", action="store_true", help="print only")
@@ -224,36 +230,45 @@ def main(argv=None):
     if args.quick:
         args.rows, args.groups, args.repeats, args.no_append = 3000, [10, 2000], 1, True
         args.crossed_rows, args.crossed_levels, args.no_insteval = 600, [300, 40, 20, 5], True
+    if args.no_insteval:
+        args.cases = [c for c in args.cases if c != "c"]
+    cases = set(args.cases)
     time_the_finish()
 
     small, large = args.groups
-    frame_small, y_small, arrays_small = grouped_frame(args.rows, small)
-    frame_large, y_large, _ = grouped_frame(args.rows, large)
     schedule = (args.epochs, args.batch_size)
-    runs = [
-        Run(
-            "a",
-            f"estimator, {small:,} groups",
-            estimator_on_groups(frame_small, y_small, *schedule),
-        ),
-        Run(
-            "a",
-            f"estimator, {large:,} groups",
-            estimator_on_groups(frame_large, y_large, *schedule),
-        ),
-        Run(
-            "b",
-            f"plain Keras, {small:,} groups",
-            plain_keras(arrays_small, y_small, small, *schedule),
-        ),
-        # what a user waits for: no `epochs`, so no SGD (the finish solves the model)
-        Run(
-            "b",
-            f"estimator at defaults, {small:,} groups",
-            estimator_on_groups(frame_small, y_small, None, None),
-        ),
-    ]
-    if not args.no_insteval:
+    runs = []
+    if cases & {"a", "b"}:
+        frame_small, y_small, arrays_small = grouped_frame(args.rows, small)
+    if "a" in cases:
+        frame_large, y_large, _ = grouped_frame(args.rows, large)
+        runs += [
+            Run(
+                "a",
+                f"estimator, {small:,} groups",
+                estimator_on_groups(frame_small, y_small, *schedule),
+            ),
+            Run(
+                "a",
+                f"estimator, {large:,} groups",
+                estimator_on_groups(frame_large, y_large, *schedule),
+            ),
+        ]
+    if "b" in cases:
+        runs += [
+            Run(
+                "b",
+                f"plain Keras, {small:,} groups",
+                plain_keras(arrays_small, y_small, small, *schedule),
+            ),
+            # what a user waits for: no `epochs`, so no SGD (the finish solves the model)
+            Run(
+                "b",
+                f"estimator at defaults, {small:,} groups",
+                estimator_on_groups(frame_small, y_small, None, None),
+            ),
+        ]
+    if "c" in cases:
         X, y = insteval()
         cols = ["s", "d", "dept"]
         runs += [
@@ -264,13 +279,14 @@ def main(argv=None):
                 mixedlm_estimates(X, y, cols, INSTEVAL_FORMULA, args.timeout),
             ),
         ]
-    X, y = crossed(args.crossed_rows, args.crossed_levels)
-    cols = [c for c in X.columns if c.startswith("f")]
-    formula = "y ~ x0 + x1 + " + " + ".join(f"(1|{c})" for c in cols)
-    runs += [
-        Run("d", "estimator (REML)", estimator_estimates(X, y, cols)),
-        Run("d", "mixedlm.lmer (REML)", mixedlm_estimates(X, y, cols, formula, args.timeout)),
-    ]
+    if "d" in cases:
+        X, y = crossed(args.crossed_rows, args.crossed_levels)
+        cols = [c for c in X.columns if c.startswith("f")]
+        formula = "y ~ x0 + x1 + " + " + ".join(f"(1|{c})" for c in cols)
+        runs += [
+            Run("d", "estimator (REML)", estimator_estimates(X, y, cols)),
+            Run("d", "mixedlm.lmer (REML)", mixedlm_estimates(X, y, cols, formula, args.timeout)),
+        ]
     # One untimed tiny fit of each kind first: TensorFlow's one-off start-up costs are not
     # charged to whichever configuration happens to run first.
     warm_frame, warm_y, warm_arrays = grouped_frame(2048, 10)
@@ -282,17 +298,14 @@ def main(argv=None):
 
     median = {(r.case, r.name): float(np.median(r.seconds)) for r in runs}
     failed = {(r.case, r.name) for r in runs if r.error}
-    reference = {
-        "a": median["a", f"estimator, {small:,} groups"],
-        "b": median["a", f"estimator, {small:,} groups"],
-    }
+    reference = median.get(("a", f"estimator, {small:,} groups"))  # a's 1k fit, also for b
     rows = []
     for run in runs:
         seconds = median[run.case, run.name]
         if run.case == "a":
-            ratio = f"{seconds / reference['a']:.2f}x the {small:,}-group fit"
+            ratio = f"{seconds / reference:.2f}x the {small:,}-group fit"
         elif run.case == "b" and run.name.startswith("plain"):
-            ratio = f"estimator / plain = {reference['b'] / seconds:.2f}"
+            ratio = f"estimator / plain = {reference / seconds:.2f}" if reference else ""
         elif run.case == "b":
             plain = median["b", f"plain Keras, {small:,} groups"]
             ratio = f"estimator at defaults / plain = {seconds / plain:.2f}"
@@ -336,21 +349,35 @@ def main(argv=None):
         print(estimates.to_string(index=False, float_format="{:.4f}".format))
     if not args.no_append:
         levels = ", ".join(f"{n:,}" for n in args.crossed_levels)
+        titles = {
+            "a": f"{args.rows:,} rows; {small:,} vs {large:,} groups",
+            "b": "plain Keras",
+            "c": "InstEval",
+            "d": "4 crossed factors",
+        }
+        described = {
+            "a": f"a, b: epochs {args.epochs}, batch {args.batch_size}, 10 features.",
+            "c": f"c: lme4's InstEval (73,421 rows), `{INSTEVAL_FORMULA}`, both REML, "
+            "estimator defaults.",
+            "d": f"d: {args.crossed_rows:,} rows, 2 features, crossed factors of {levels} "
+            "levels (every level observed), both REML, estimator defaults.",
+        }
+        described["b"] = described["a"]
+        chosen = [c for c in "abcd" if c in cases]
+        goals = " Goals: 1M groups at most 1.5x the 1k fit; estimator / plain Keras <= 1.3."
         append(
-            f"Whole fit: SGD warm start + exact finish ({args.rows:,} rows; "
-            f"{small:,} vs {large:,} groups; InstEval; 4 crossed factors)",
+            "Whole fit: SGD warm start + exact finish ("
+            + "; ".join(titles[c] for c in chosen)
+            + ")",
             markdown(timing, "{:.2f}") + "\n\n" + markdown(estimates, "{:.4f}"),
-            f"Wall time of the whole `fit` (estimator: validation, encoding, SGD, finish; plain "
-            f"Keras: model building, compiling, fit), median of {args.repeats} fits per "
-            "configuration, run in turn round by round in one process after one untimed "
-            "tiny fit of each kind; 'finish s' is the time inside "
-            "`reffects.finish.finish_gaussian`. a, b: epochs "
-            f"{args.epochs}, batch {args.batch_size}, 10 features. c: lme4's InstEval "
-            f"(73,421 rows), `{INSTEVAL_FORMULA}`, both REML, estimator defaults. d: "
-            f"{args.crossed_rows:,} rows, 2 features, crossed factors of {levels} levels "
-            "(every level observed), both REML, estimator defaults. mixedlm runs in a child "
-            f"process stopped after {args.timeout:g} s and not fitted again. Goals: 1M "
-            "groups at most 1.5x the 1k fit; estimator / plain Keras <= 1.3.",
+            f"Cases run: {', '.join(chosen)}. Wall time of the whole `fit` (estimator: validation, "
+            "encoding, SGD, finish; plain Keras: model building, compiling, fit), median of "
+            f"{args.repeats} fits per configuration, run in turn round by round in one process "
+            "after one untimed tiny fit of each kind; 'finish s' is the time inside "
+            "`reffects.finish.finish_gaussian`. "
+            + " ".join(dict.fromkeys(described[c] for c in chosen))
+            + f" mixedlm runs in a child process stopped after {args.timeout:g} s and not "
+            "fitted again." + (goals if cases & {"a", "b"} else ""),
         )
 
 
