@@ -44,6 +44,9 @@ _PROBE_ROWS = 4096  # rows on which a subnetwork fit is checked to have improved
 SUBNETWORK_WEIGHTS = tuple(np.linspace(0.0, 1.0, 21).round(2))
 """The weights on a trained subnetwork's output among which `choose_subnetwork_weight`
 chooses by validation NLL; 0 is the (generalised) linear mixed model."""
+GUARD_STANDARD_ERRORS = 2.0
+"""How many standard errors the chosen w's validation gain over w = 0 must pass for the
+subnetwork to be kept (`_clearly_better`)."""
 ESSENTIALLY_BINARY = 0.99
 """A column whose two commonest values fill this share of the rows stays out of a default
 subnetwork (`subnetwork_columns`)."""
@@ -264,8 +267,8 @@ def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_W
     so it ranks w by squared error). That is exactly the predictor a finish with `w * f`
     held gives when the variance parameters are held: the posterior mean of the linear
     part is linear in the y it fits, y - w f. The kept model is left with f scaled by the
-    chosen w (a tie goes to the smaller) and the linear part of the finish nearer to it,
-    w = 0 or w = 1.
+    chosen w (a tie goes to the smaller; a w > 0 only where its gain over w = 0 is clear,
+    `_clearly_better`) and the linear part of the finish nearer to it, w = 0 or w = 1.
 
     A finish that fails (a `ValueError` or `LinAlgError`: SGD blew the model up) scores
     infinity; if the finish without f fails from SGD's state, it starts again from the
@@ -319,6 +322,10 @@ def choose_subnetwork_weight(models, finish, validation, candidates=SUBNETWORK_W
         scores[weight] = _nll(model.likelihood, eta, y, weights)
     finite = {w: score for w, score in scores.items() if math.isfinite(score)}
     best = min(finite, key=finite.get) if finite else 0.0
+    if best > 0.0:
+        eta = (1.0 - best) * eta_0 + best * eta_1
+        if not _clearly_better(model.likelihood, eta, eta_0, y, weights):
+            best = 0.0
     model.set_weights(state_0 if best < 0.5 else state_1)  # a later finish starts nearer
     kernel.assign(trained * best)
     return index, best, scores, (failure if eta_1 is None else None)
@@ -473,15 +480,42 @@ def mean_nll(model, inputs, y, weights) -> float:
     return _nll(model.likelihood, predict_means(model.network, inputs), y, weights)
 
 
-def _nll(likelihood, eta, y, weights):
-    """The mean negative log-likelihood of `y` at the predictor `eta`: both `(n,)`, or with
-    K classes y one-hot `(n, K)` and eta `predict_means`'s flattened `(n, K - 1)`."""
+def _clearly_better(likelihood, eta, eta_0, y, weights) -> bool:
+    """Whether the predictor `eta` beats `eta_0` on the validation rows by more than
+    `GUARD_STANDARD_ERRORS` standard errors of the mean per-row difference in NLL (weighted
+    rows count their weight). On small validation sets the best w is mostly noise: on
+    sleepstudy's 15 validation rows it chose w = 1 and a held-out MSE 1.051 times the
+    linear model's.
+
+    Example:
+        >>> y = np.array([0.0, 1.0, 0.0, 1.0])
+        >>> _clearly_better(Gaussian(), y + 0.01, np.full(4, 0.5), y, None)
+        True
+        >>> _clearly_better(Gaussian(), np.full(4, 0.49), np.full(4, 0.5), y, None)
+        False
+    """
+    weights = np.ones(len(y)) if weights is None else np.asarray(weights, "float64")
+    difference = _row_nll(likelihood, eta_0, y) - _row_nll(likelihood, eta, y)
+    total = weights.sum()
+    gain = weights @ difference / total
+    spread = weights @ np.square(difference - gain) / total
+    return bool(gain > GUARD_STANDARD_ERRORS * np.sqrt(spread / max(total - 1.0, 1.0)))
+
+
+def _row_nll(likelihood, eta, y):
+    """Each row's negative log-likelihood at the predictor `eta` (as `_nll` reads them)."""
     y = np.asarray(y, "float32").reshape(len(y), -1)
     eta = np.reshape(eta, (len(y), likelihood.predictor_units))
     mean = likelihood.call(keras.ops.cast(keras.ops.convert_to_tensor(eta), "float32"))
-    sample_weight = None if weights is None else np.asarray(weights, "float32")[:, None]
-    nll = likelihood.mean_nll(y, mean, sample_weight)
-    return float(keras.ops.convert_to_numpy(nll))
+    nll = keras.ops.sum(likelihood.nll(y, mean), axis=-1)
+    return keras.ops.convert_to_numpy(nll).astype("float64")
+
+
+def _nll(likelihood, eta, y, weights):
+    """The mean negative log-likelihood of `y` at the predictor `eta`: both `(n,)`, or with
+    K classes y one-hot `(n, K)` and eta `predict_means`'s flattened `(n, K - 1)`."""
+    rows = _row_nll(likelihood, eta, y)
+    return float(np.mean(rows if weights is None else np.asarray(weights, "float64") * rows))
 
 
 def raise_if_diverged(divergence, learning_rate, cause=None):
