@@ -43,7 +43,7 @@ import numpy as np
 from scipy import linalg, optimize, sparse, special
 from threadpoolctl import threadpool_limits
 
-from reffects.joint_posterior import JointPosterior
+from reffects.joint_posterior import GroupsGivenFixedPosterior, JointPosterior
 from reffects.layers import RandomEffects
 from reffects.likelihoods import Poisson
 
@@ -94,7 +94,8 @@ def dense_coefficients(num_levels, num_terms, num_fixed) -> int:
 def exact_finish_fits(num_levels, num_terms, num_fixed, gaussian=True) -> bool:
     """Whether the exact finish fits a model: its dense Schur complement
     (`dense_coefficients`) at most `MAX_DENSE_LEVELS`, or, at any size, a Gaussian model
-    whose factors are all random intercepts (`sparse_finish.SparseMixedSystem`).
+    whose factors have one term each (a random intercept, or one slope without it:
+    `sparse_finish.SparseMixedSystem`).
 
     Example:
         >>> exact_finish_fits([20_000, 10_000, 5_000], [1, 1, 1], 3)
@@ -770,7 +771,7 @@ class LinearMixedSystem:
         """diag D'WD."""
         return np.diag(self.rest_gram)[self.num_rest_levels :]
 
-    def _minimize(self, objective, start, bounds, analytic, near):
+    def _minimize(self, objective, start, bounds, analytic):
         """L-BFGS-B, on `criterion`'s gradient or on finite differences."""
         return optimize.minimize(
             objective,
@@ -841,8 +842,7 @@ class LinearMixedSystem:
         variance = float(noise_scale) ** 2
         for iteration in range(20):
             if mask.any():
-                near = iteration > 0
-                theta, value = self._search(theta, mask, variance, reml, analytic, near)
+                theta, value = self._search(theta, mask, variance, reml, analytic)
                 # A diagonal entry searched as it is can stall at its bound, a local optimum
                 # at Sigma_k's boundary (the criterion's slope there is that of a variance's
                 # square root); restart it inside once and keep the better of the two.
@@ -861,10 +861,9 @@ class LinearMixedSystem:
                 break
         return theta, float(np.sqrt(variance))
 
-    def _search(self, theta, mask, variance, reml, analytic, near=False):
+    def _search(self, theta, mask, variance, reml, analytic):
         """The criterion minimised (`_minimize`) over the entries of theta in `mask`, the
-        others held, from `theta` (`near` the optimum: a search again after s^2 moved the
-        ridge); returns the new theta and the criterion there."""
+        others held, from `theta`; returns the new theta and the criterion there."""
         layout = self.covariance_factors
         # a random intercept's theta through its intraclass correlation v = t / (1 + t) of
         # t = theta^2 (sigma_k^2 / (sigma_k^2 + s^2)), other diagonal entries alone in their
@@ -908,7 +907,7 @@ class LinearMixedSystem:
             (low / (1.0 + low), high / (1.0 + high)) if icc else (low, high)
             for (low, high), icc in zip(layout.bounds(mask), intercept)
         ]
-        result = self._minimize(objective, start, bounds, analytic, near)
+        result = self._minimize(objective, start, bounds, analytic)
         values, value = result.x, float(result.fun)
         # L-BFGS-B stops once a step gains less than that tolerance, which where the
         # criterion is flat can be short of the boundary: an entry searched squared whose
@@ -972,7 +971,7 @@ def finish_gaussian(
     held,
     sample_weight=None,
     reml=True,
-) -> JointPosterior:
+) -> JointPosterior | GroupsGivenFixedPosterior:
     """Moves a Gaussian model's linear part to lme4's estimates and its exact posterior.
 
     Args:
@@ -993,7 +992,8 @@ def finish_gaussian(
     posterior's marginal means and sds.
 
     Returns:
-        The `JointPosterior` of `[alpha, *beta]` and every factor's offsets.
+        The `JointPosterior` of `[alpha, *beta]` and every factor's offsets (past the
+        dense limit, `sparse_finish`'s `GroupsGivenFixedPosterior`).
 
     Example:
         >>> import keras
@@ -1015,11 +1015,11 @@ def finish_gaussian(
     num_terms = [1 if t is None else t.shape[1] for t in terms]
     arguments = (y - held, weights, design, codes, num_levels, prior_mean, prior_precision)
     wide = dense_coefficients(num_levels, num_terms, design.shape[1]) > MAX_DENSE_LEVELS
-    if wide and all(t is None for t in terms):
+    if wide and all(d == 1 for d in num_terms):
         from reffects.sparse_finish import SparseMixedSystem  # it builds on this module
 
-        system = SparseMixedSystem(*arguments)
-    else:  # too wide with slopes: LinearMixedSystem raises, naming the sizes
+        system = SparseMixedSystem(*arguments, terms)
+    else:  # too wide with more terms per group: LinearMixedSystem raises, naming the sizes
         system = LinearMixedSystem(*arguments, terms, correlated)
     noise_scale = float(model.likelihood.noise_scale())
     layout = system.covariance_factors
