@@ -372,7 +372,7 @@ def _cholesky_psd(covariance) -> np.ndarray:
 class GroupsGivenFixedPosterior(IndependentGroupsPosterior):
     """A Normal posterior whose groups are independent of each other given the fixed
     effects, each correlated with them: `sparse_finish`'s, for crossed factors too wide for
-    a `JointPosterior`. Random intercepts (one term per group).
+    a `JointPosterior`. One term per group (a random intercept, or one slope).
 
         beta ~ Normal(fixed_mean, fixed_covariance)
         b_k[g] | beta ~ Normal(mean_k[g] + R_k[g] (beta - fixed_mean), given_fixed_k[g])

@@ -140,8 +140,9 @@ class SparseMixedSystem(LinearMixedSystem):
     def _minimize(self, objective, start, bounds, analytic):
         """COBYQA, a derivative-free trust-region method like lme4's BOBYQA: on
         finish_speed's four crossed factors it took 90 evaluations of the criterion where
-        L-BFGS-B on forward differences took 180. Each random intercept is searched as its
-        intraclass correlation (in [0, 1]), from `finish._better_start`'s moments."""
+        L-BFGS-B on forward differences took 180. The search's coordinates are
+        `LinearMixedSystem._search`'s (a random intercept's intraclass correlation, in
+        [0, 1]), from `finish._better_start`'s moments."""
         options = {"initial_tr_radius": _FIRST_RADIUS, "final_tr_radius": _LAST_RADIUS}
         return optimize.minimize(objective, start, method="COBYQA", bounds=bounds, options=options)
 
