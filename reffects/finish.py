@@ -562,23 +562,9 @@ class LinearMixedSystem:
         terms=None,
         correlated=None,
     ):
-        num_rows = len(response)
-        self.num_levels = [int(g) for g in num_levels]
-        terms = [None] * len(self.num_levels) if terms is None else list(terms)
-        self.terms = [
-            np.ones((num_rows, 1)) if t is None else np.asarray(t, "float64").reshape(num_rows, -1)
-            for t in terms
-        ]
-        self.num_terms = [t.shape[1] for t in self.terms]
-        self.covariance_factors = CovarianceFactors(self.num_terms, correlated)
-        self.num_fixed = design.shape[1]
-        # A column of zeros (a constant feature, once centred) says nothing about y: its
-        # coefficient keeps its prior, and REML counts only the other columns.
-        self.empty_columns = ~np.any(design != 0, axis=0)
-        self.prior_mean = np.asarray(prior_mean, "float64")
-        self.prior_precision = np.asarray(prior_precision, "float64")
-        self.total_weight = float(weights.sum())
-        self.weighted_squares = float(weights @ np.square(response))
+        self._set_common(
+            response, weights, design, num_levels, prior_mean, prior_precision, terms, correlated
+        )
         sizes = [g * d for g, d in zip(self.num_levels, self.num_terms)]
         self.first = int(np.argmax(sizes)) if sizes else None
         others = [k for k in range(len(sizes)) if k != self.first]
@@ -632,6 +618,28 @@ class LinearMixedSystem:
                     axis=-1,
                 ).reshape(levels, d, d)
                 self._first = _FirstFactorBlocks(blocks, moment.reshape(levels, d), cross)
+
+    def _set_common(
+        self, response, weights, design, num_levels, prior_mean, prior_precision, terms, correlated
+    ):
+        """What every system reads: levels, term vectors, widths, totals and beta's prior."""
+        num_rows = len(response)
+        self.num_levels = [int(g) for g in num_levels]
+        terms = [None] * len(self.num_levels) if terms is None else list(terms)
+        self.terms = [
+            np.ones((num_rows, 1)) if t is None else np.asarray(t, "float64").reshape(num_rows, -1)
+            for t in terms
+        ]
+        self.num_terms = [t.shape[1] for t in self.terms]
+        self.covariance_factors = CovarianceFactors(self.num_terms, correlated)
+        self.num_fixed = design.shape[1]
+        # A column of zeros (a constant feature, once centred) says nothing about y: its
+        # coefficient keeps its prior, and REML counts only the other columns.
+        self.empty_columns = ~np.any(design != 0, axis=0)
+        self.total_weight = float(weights.sum())
+        self.weighted_squares = float(weights @ np.square(response))
+        self.prior_mean = np.asarray(prior_mean, "float64")
+        self.prior_precision = np.asarray(prior_precision, "float64")
 
     def _rest_lambda(self, factors):
         """Lambda-tilde over r: each factor's Lambda_k once per level, 1 for beta; a vector

@@ -34,7 +34,7 @@ import numpy as np
 from cvxopt import cholmod, matrix, spmatrix
 from scipy import optimize, sparse
 
-from reffects.finish import CovarianceFactors, LinearMixedSystem, _term_indicator
+from reffects.finish import LinearMixedSystem, _term_indicator
 from reffects.joint_posterior import GroupsGivenFixedPosterior
 
 _VARIANCE_DRAWS = 200
@@ -89,23 +89,14 @@ class SparseMixedSystem(LinearMixedSystem):
     def __init__(
         self, response, weights, design, codes, num_levels, prior_mean, prior_precision, terms=None
     ):
-        self.num_levels = [int(g) for g in num_levels]
-        self.num_terms = [1] * len(self.num_levels)
-        self.covariance_factors = CovarianceFactors(self.num_terms)
-        self.num_fixed = design.shape[1]
+        self._set_common(
+            response, weights, design, num_levels, prior_mean, prior_precision, terms, None
+        )
+        if any(d != 1 for d in self.num_terms):
+            raise ValueError(f"one term per factor; received {self.num_terms} terms")
         self.first = self._first = None  # no factor is eliminated apart: M is factored whole
-        self.empty_columns = ~np.any(design != 0, axis=0)
-        self.prior_mean = np.asarray(prior_mean, "float64")
-        self.prior_precision = np.asarray(prior_precision, "float64")
-        self.total_weight = float(weights.sum())
-        self.weighted_squares = float(weights @ np.square(response))
-        num_rows = len(response)
-        terms = [None] * len(self.num_levels) if terms is None else terms
-        terms = [
-            np.ones((num_rows, 1)) if t is None else np.reshape(t, (num_rows, 1)) for t in terms
-        ]
         z = sparse.hstack(
-            [_term_indicator(c, g, t) for c, g, t in zip(codes, self.num_levels, terms)],
+            [_term_indicator(c, g, t) for c, g, t in zip(codes, self.num_levels, self.terms)],
             format="csr",
         )
         self.num_random = z.shape[1]
