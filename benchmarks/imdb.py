@@ -30,7 +30,8 @@ Published results (other splits or machines) are listed in their own column, not
 `--missing 0.2` removes 20% of each continuous feature's values (MCAR: an independent
 draw per column, seeded by `--missing-seed`, the same mask for every fold, so training and
 test rows both lose about 20%) and fits the two reffects estimators alone (the plain Keras
-networks take no NaN): each fills a missing value with the training mean and adds a
+networks take no NaN): each fills a missing value with its conditional mean given the
+row's other columns (`reffects.imputation`) and adds a
 `col[missing]` indicator, which reaches the subnetwork with its column. Compare with the
 complete-data run on the same folds (same seeds).
 """
@@ -245,8 +246,9 @@ def main(argv=None):
         missing_note = (
             f"{args.missing:.0%} of the values of each of {', '.join(CONTINUOUS)} removed at "
             f"random (seed {args.missing_seed}, the same rows in every fold), in training and "
-            "test rows; the estimators fill them with the training mean and add a "
-            "`col[missing]` indicator. "
+            "test rows; the estimators model them as latent (a joint Normal of the columns, "
+            "each missing value filled with its conditional mean) and add a `col[missing]` "
+            "indicator. "
         )
     else:
         title, missing_note = "IMDb: two crossed high-cardinality factors (Sigrist's folds)", ""

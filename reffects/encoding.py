@@ -39,7 +39,8 @@ _UNSEEN_WARNING_SHARE = 0.5
 
 
 class EncodedData:
-    """Design pieces of X: standardised features and integer group codes per factor.
+    """Design pieces of X: standardised features, integer group codes per factor and, when
+    fit saw missing values, the mask of the entries filled (`latent`, else None).
 
     Example:
         >>> data = EncodedData(np.zeros((2, 1), "float32"), [np.array([0, 1])])
@@ -47,9 +48,10 @@ class EncodedData:
         [(2, 1), (2,)]
     """
 
-    def __init__(self, features, codes):
+    def __init__(self, features, codes, latent=None):
         self.features = features
         self.codes = codes
+        self.latent = latent  # mask of the filled missing values (`reffects.imputation`)
 
     def model_inputs(self):
         """The inputs of the model `build_mixed_model` builds: features (if any), codes."""
@@ -123,8 +125,9 @@ MISSING_SUFFIX = "[missing]"
 
 
 class _NumericColumn(NamedTuple):
-    """A numeric feature: its values, missing ones filled with `fill` (its mean in fit),
-    and, when it had missing values in fit, an indicator of them."""
+    """A numeric feature: its values and, when it had missing values in fit, an indicator
+    of them (the values are then left missing, for `reffects.imputation`); `fill` (its mean
+    in fit) fills a missing value of a column that had none in fit."""
 
     label: str
     fill: float
@@ -152,9 +155,10 @@ class FeatureCoding:
     """How X's feature columns become the model's numeric columns; learned in fit.
 
     - A numeric column stays one column. If it had missing values (NaN, None, NA) in fit,
-      they are filled with its mean (weighted by `sample_weight`) and a 0/1 column
-      `<col>[missing]` follows it, so the indicator's coefficient learns what the fill
-      misses, in the linear part and in a subnetwork alike.
+      they stay NaN here, for the estimator's missing-value model to fill
+      (`reffects.imputation`: their conditional means given the row's other columns), and
+      a 0/1 column `<col>[missing]` follows it, so the indicator's coefficient learns what
+      the fill misses, in the linear part and in a subnetwork alike.
     - A categorical column (see `reffects.checks.is_categorical`) becomes treatment-coded
       dummy columns `<col>[T.<level>]`, one per level seen in fit but the reference: the
       first level in sorted order, or in a category dtype's order (formulaic's coding and
@@ -171,6 +175,9 @@ class FeatureCoding:
         names: the model's column names, in order.
         positions: per feature column of X, the positions of its model columns.
         categorical: per feature column of X, whether it is categorical.
+        latent: positions of the numeric model columns that had missing values in fit
+            (left NaN by `encode`).
+        indicators: positions of the missing-value indicator columns.
 
     Example:
         >>> frame = pd.DataFrame({"x": [1.0, None, 3.0], "c": ["b", "a", "b"]})
@@ -178,7 +185,9 @@ class FeatureCoding:
         >>> coding.names, coding.positions
         (['x', 'x[missing]', 'c[T.b]'], [[0, 1], [2]])
         >>> coding.encode([frame["x"], frame["c"]], num_rows=3).tolist()
-        [[1.0, 0.0, 1.0], [2.0, 1.0, 0.0], [3.0, 0.0, 1.0]]
+        [[1.0, 0.0, 1.0], [nan, 1.0, 0.0], [3.0, 0.0, 1.0]]
+        >>> coding.latent, coding.indicators
+        ([0], [1])
     """
 
     def __init__(self, columns):
@@ -189,6 +198,16 @@ class FeatureCoding:
             self.names += column.names()
             self.positions.append(list(range(start, len(self.names))))
         self.categorical = [isinstance(c, _CategoricalColumn) for c in columns]
+        self.latent = [
+            positions[0]
+            for column, positions in zip(columns, self.positions)
+            if isinstance(column, _NumericColumn) and column.indicator
+        ]
+        self.indicators = [
+            positions[-1]
+            for column, positions in zip(columns, self.positions)
+            if column.indicator and positions
+        ]
 
     @classmethod
     def learn(cls, labels, columns, sample_weight=None) -> "FeatureCoding":
@@ -204,8 +223,8 @@ class FeatureCoding:
 
     def encode(self, columns, num_rows: int, warn: bool = False) -> np.ndarray:
         """The model's columns (float64, before standardisation) for the feature `columns`
-        of `num_rows` rows; with `warn`, warns of unseen levels and of missing values fit
-        did not see."""
+        of `num_rows` rows, NaN where a column in `latent` is missing; with `warn`, warns
+        of unseen levels and of missing values fit did not see."""
         result = np.zeros((num_rows, len(self.names)))
         for coding, column, positions in zip(self.columns, columns, self.positions):
             if not positions:
@@ -291,10 +310,11 @@ def _encode_numeric(coding, column, out, warn):
     values = numeric_values(coding.label, column)
     missing = np.isnan(values)
     if missing.any():
-        values = np.where(missing, coding.fill, values)  # never written: it may be X's
         if coding.indicator:
-            out[:, 1] = missing
-        elif warn:
+            out[:, 1] = missing  # the values stay NaN, for the missing-value model
+        else:
+            values = np.where(missing, coding.fill, values)  # never written: it may be X's
+        if warn and not coding.indicator:
             _warn(
                 f"feature column {coding.label!r} has {missing.sum()} missing value(s) (first "
                 f"at row {int(np.argmax(missing))}) but had none in fit; they are filled with "

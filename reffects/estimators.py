@@ -42,6 +42,11 @@ from reffects.encoding import (
     standardise,
 )
 from reffects.finish import finish_gaussian, finish_glmm
+from reffects.imputation import (
+    GaussianImputer,
+    latent_predictor_draws,
+    latent_predictor_variance,
+)
 from reffects.joint_posterior import IndependentGroupsPosterior, JointPosterior
 from reffects.layers import RandomIntercept
 from reffects.likelihoods import Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
@@ -66,6 +71,14 @@ from reffects.training_recipe import (
 _FAMILIES = ("gaussian", "binomial", "poisson")
 _PREDICTIVE_DRAWS = 1000
 _ROWS_PER_DRAW_CHUNK = 2_000_000  # rows x draws per chunk of predictive draws
+_LATENT_DRAWS = 200
+"""Draws of a row's missing inputs from which the variance they add through a subnetwork is
+estimated (`_latent_variance`); without a subnetwork it is exact."""
+_LATENT_REFITS = 3
+_LATENT_SETTLED = 1e-3
+"""A Gaussian fit with missing inputs is finished again, each row's noise variance at
+s^2 + what its missing inputs add, at most `_LATENT_REFITS` times, until s moves by less
+than this fraction (`_finish_latent_noise`)."""
 
 _SHARED_PARAMETERS = """
     group_cols : list of column names (DataFrame) or integer positions (ndarray)
@@ -75,10 +88,15 @@ _SHARED_PARAMETERS = """
         column): it becomes treatment-coded dummies `col[T.level]` (reference: the first
         level sorted, or in the category's order; a single level gives none; an unseen
         level at predict gives zeros and a warning). A numeric feature may have missing
-        values (NaN, None, NA): they are filled with the column's mean in fit and a 0/1
-        column `col[missing]` is added (for a categorical column, missing is a level of its
-        own); at predict, a missing value in a column complete in fit is filled with a
-        warning. `feature_names_` lists the resulting columns. Missing values in y, in a
+        values (NaN, None, NA), modelled as latent (`reffects.imputation`): the model's
+        columns are jointly Normal (fitted by EM on fit's rows), a missing value is filled
+        with its conditional mean given the row's observed columns and a 0/1 column
+        `col[missing]` is added (for a categorical column, missing is a level of its own);
+        a "gaussian" row with a missing value counts as noisier by the variance its
+        unknown value leaves in the predictor, and `return_std` and the predictive draws
+        include that variance (through a subnetwork too, from draws of the value). At
+        predict, a missing value in a column complete in fit is filled with its mean in
+        fit and a warning. `feature_names_` lists the resulting columns. Missing values in y, in a
         group column or in `sample_weight` are errors.
     random_slopes : dict or None
         Group column -> list of feature columns whose slopes vary by that factor's groups,
@@ -245,6 +263,11 @@ class _MixedModelEstimator(BaseEstimator):
         # `features` is this method's own array, standardised in place.
         features = self._feature_coding.encode(columns.features, columns.num_rows, not reset)
         if reset:
+            self._imputer = self._missing_value_model(features, sample_weight)
+        latent = None
+        if self._imputer is not None:
+            features, latent = self._imputer.fill(features)
+        if reset:
             self._feature_mean, self._feature_scale = standardise(
                 features, self._feature_labels, "feature column", sample_weight
             )
@@ -257,7 +280,86 @@ class _MixedModelEstimator(BaseEstimator):
             group_codes(col, levels, values, warn_unseen=not reset)
             for col, levels, values in zip(cols, self._levels, groups)
         ]
-        return EncodedData(float32_features, codes)
+        return EncodedData(float32_features, codes, latent)
+
+    def _missing_value_model(self, features, sample_weight):
+        """The joint Normal of the model's columns (`GaussianImputer`) whose conditional
+        means fill the missing values, fitted on fit's rows; None when none is missing."""
+        coding = self._feature_coding
+        if not coding.latent:
+            return None
+        modelled = np.setdiff1d(np.arange(features.shape[1]), coding.indicators)
+        return GaussianImputer.fit(features, coding.latent, sample_weight, columns=modelled)
+
+    def _latent_coefficients(self, data):
+        """Each row's coefficient on each model column in the linear part, at the posterior
+        means: beta, `(p,)`, or with random slopes on a column that had missing values,
+        `(n, p)` with each row's groups' slopes added."""
+        coefficients = np.asarray(self.joint_posterior_.fixed_mean(), "float64")[1:]
+        latent = set(self._feature_coding.latent)
+        sloped = [k for k, slopes in enumerate(self._random_slopes) if latent & set(slopes or [])]
+        if not sloped:
+            return coefficients
+        coefficients = np.tile(coefficients, (len(data.features), 1))
+        for k in sloped:
+            first = int(self._random_intercepts[k])  # the slopes follow an intercept
+            means = self.joint_posterior_.offset_mean(k)[data.codes[k]]
+            coefficients[:, self._random_slopes[k]] += means[:, first:]
+        return coefficients
+
+    def _subnetwork_in_use(self) -> bool:
+        """Whether the fitted model has a subnetwork whose weight is not 0."""
+        return (
+            bool(self.hidden_units)
+            and len(self._feature_labels) > 0
+            and (self.subnetwork_weight_ is None or self.subnetwork_weight_ > 0)
+        )
+
+    def _subnetwork_at(self, features):
+        """The subnetwork's output (`(m,)`) at model-scale `features` (`(m, p)`)."""
+        codes = [np.zeros(len(features), "int64") for _ in self._levels]
+        inputs = EncodedData(features.astype("float32"), codes).model_inputs()
+        return subnetwork_output(self.model_, inputs)
+
+    def _latent_draws(self, data, num_samples, rng):
+        """`latent_predictor_draws` for `data`'s rows: `(num_samples, n)`, what their missing
+        inputs add to the predictor, or None when fit saw no missing value."""
+        if self._imputer is None:
+            return None
+        subnetwork = None
+        if self._subnetwork_in_use():
+            indicators = self._feature_coding.indicators
+            observed = -self._feature_mean[indicators] / self._feature_scale[indicators]
+
+            def subnetwork(features):  # as if the drawn values had been observed
+                features = features.copy()
+                features[:, indicators] = observed
+                return self._subnetwork_at(features)
+
+        return latent_predictor_draws(
+            self._imputer,
+            data.latent,
+            data.features,
+            self._feature_scale,
+            self._latent_coefficients(data),
+            subnetwork,
+            num_samples,
+            rng,
+        )
+
+    def _latent_variance(self, data):
+        """The variance `data`'s rows' missing inputs add to the predictor given their
+        observed columns, `(n,)` on the model's scale: exact for the linear part (the
+        coefficients at their posterior means: their own uncertainty, O(1/n), is left
+        out), from `_LATENT_DRAWS` draws with a subnetwork; zeros when fit saw none."""
+        if self._imputer is None:
+            return np.zeros(len(data.features))
+        if not self._subnetwork_in_use():
+            return latent_predictor_variance(
+                self._imputer, data.latent, self._feature_scale, self._latent_coefficients(data)
+            )
+        rng = np.random.default_rng(self._seed)
+        return np.var(self._latent_draws(data, _LATENT_DRAWS, rng), axis=0)
 
     def _slope_shifts(self):
         """Per factor, what its slope inputs add to the standardised features."""
@@ -377,13 +479,10 @@ class _MixedModelEstimator(BaseEstimator):
                 layer.adapt(codes)  # the finish fits every row: each group's n counts them all
             self.model_.training_size.assign(float(len(every_y)))
         if finishable:
-            self._finish(
-                likelihood,
-                every,
-                every_y,
-                every_weight,
-                subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0,
-            )
+            held = subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0
+            self._finish(likelihood, every, every_y, every_weight, held)
+            if isinstance(likelihood, Gaussian) and every.latent is not None:
+                self._finish_latent_noise(likelihood, every, every_y, every_weight, held)
         else:
             layers = mixed_model_layers(self.model_)
             self.joint_posterior_ = IndependentGroupsPosterior.from_layers(layers)
@@ -455,15 +554,18 @@ class _MixedModelEstimator(BaseEstimator):
         )
         return False
 
-    def _finish(self, likelihood, data, model_y, weights, held):
+    def _finish(self, likelihood, data, model_y, weights, held, noise_ratio=None):
         """The exact finish of `model_`'s linear part on `data`'s rows, `held` (a
-        subnetwork's output, or 0) held fixed; keeps the joint posterior as
+        subnetwork's output, or 0) held fixed (a Gaussian's rows with noise variances
+        `noise_ratio` times s^2, see `finish_gaussian`); keeps the joint posterior as
         `joint_posterior_`."""
         layers = mixed_model_layers(self.model_)
         finish = finish_gaussian if isinstance(likelihood, Gaussian) else finish_glmm
         if isinstance(likelihood, Categorical):
             finish = finish_multinomial
-        options = {"reml": self.reml} if isinstance(likelihood, Gaussian) else {}
+        options = {}
+        if isinstance(likelihood, Gaussian):
+            options = {"reml": self.reml, "noise_ratio": noise_ratio}
         self.joint_posterior_ = finish(
             self.model_,
             layers.intercept,
@@ -475,6 +577,20 @@ class _MixedModelEstimator(BaseEstimator):
             sample_weight=weights,
             **options,
         )
+
+    def _finish_latent_noise(self, likelihood, data, model_y, weights, held):
+        """Finishes a Gaussian model again with each row's noise variance at s^2 plus what
+        its missing inputs leave unknown (`_latent_variance`): the missing values are
+        latent, so a row with one is noisier given its observed columns, and it counts for
+        less. Repeated from the new fit until s moves by less than `_LATENT_SETTLED`."""
+        if not data.latent.any():
+            return
+        for _ in range(_LATENT_REFITS):
+            before = float(likelihood.noise_scale())
+            ratio = 1.0 + self._latent_variance(data) / before**2
+            self._finish(likelihood, data, model_y, weights, held, noise_ratio=ratio)
+            if abs(float(likelihood.noise_scale()) / before - 1.0) < _LATENT_SETTLED:
+                return
 
     def _guard_subnetwork(self, likelihood, data, model_y, weights, validation, trained, untrained):
         """Keeps the best of the `trained` `(model, history, divergence)` (one per SGD
@@ -888,11 +1004,13 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
 
     def _predictive_variance(self, data):
         """Var(y_new) on the standardised scale: the joint posterior's variance of the
-        linear predictor (its correlations included) plus the noise."""
+        linear predictor (its correlations included), what missing inputs leave unknown
+        (`_latent_variance`) and the noise."""
         design = np.column_stack([np.ones(len(data.features)), data.features])
         variance = self.joint_posterior_.predictor_variance(
             design, data.codes, self._factor_terms(data)
         )
+        variance += self._latent_variance(data)  # 0 for a row without missing inputs
         return variance + float(self.model_.likelihood.noise_scale()) ** 2
 
     def _predictive_draws(self, data, num_samples, trials=None):
@@ -900,8 +1018,10 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         the response mean and of y on the model's scale, each `(num_samples, len(rows))`.
 
         The linear predictor is drawn from the joint posterior (rows of one group share its
-        offset, and every correlation is kept), a subnetwork adds its fixed output, and y
-        is drawn from the likelihood (seeded by `random_state`).
+        offset, and every correlation is kept), a subnetwork adds its fixed output, a row's
+        missing inputs are drawn from their conditional Normal given its observed columns
+        (`reffects.imputation`), and y is drawn from the likelihood (seeded by
+        `random_state`).
         """
         check_finite_parameters(self.model_)  # a NaN rate would hang a Poisson sampler
         rng = np.random.default_rng(self._seed)
@@ -921,6 +1041,12 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             )
             if subnetwork is not None:
                 eta += subnetwork[rows]
+            chunk = EncodedData(
+                data.features[rows], [c[rows] for c in data.codes], _rows(data.latent, rows)
+            )
+            latent = self._latent_draws(chunk, num_samples, rng)
+            if latent is not None:  # each draw its own values of the missing inputs
+                eta += latent
             if isinstance(likelihood, Gaussian):
                 means = eta
                 y = eta + float(likelihood.noise_scale()) * rng.standard_normal(eta.shape)
@@ -945,7 +1071,8 @@ def _row_subset(data, model_y, weights, held_out, validation):
     if held_out is None:
         return data, model_y, weights
     rows = held_out if validation else ~held_out
-    subset = EncodedData(data.features[rows], [codes[rows] for codes in data.codes])
+    codes = [group_codes[rows] for group_codes in data.codes]
+    subset = EncodedData(data.features[rows], codes, _rows(data.latent, rows))
     return subset, model_y[rows], _rows(weights, rows)
 
 

@@ -561,9 +561,18 @@ class LinearMixedSystem:
         prior_precision,
         terms=None,
         correlated=None,
+        rows=None,
     ):
         self._set_common(
-            response, weights, design, num_levels, prior_mean, prior_precision, terms, correlated
+            response,
+            weights,
+            design,
+            num_levels,
+            prior_mean,
+            prior_precision,
+            terms,
+            correlated,
+            rows,
         )
         sizes = [g * d for g, d in zip(self.num_levels, self.num_terms)]
         self.first = int(np.argmax(sizes)) if sizes else None
@@ -620,9 +629,21 @@ class LinearMixedSystem:
                 self._first = _FirstFactorBlocks(blocks, moment.reshape(levels, d), cross)
 
     def _set_common(
-        self, response, weights, design, num_levels, prior_mean, prior_precision, terms, correlated
+        self,
+        response,
+        weights,
+        design,
+        num_levels,
+        prior_mean,
+        prior_precision,
+        terms,
+        correlated,
+        rows=None,
     ):
-        """What every system reads: levels, term vectors, widths, totals and beta's prior."""
+        """What every system reads: levels, term vectors, widths, totals and beta's prior.
+        `rows` is the number of rows the weighted rows stand for (default the weights'
+        sum; less when the weights also carry each row's precision, `finish_gaussian`'s
+        `noise_ratio`): the likelihood's count, which the profiled s^2 divides by."""
         num_rows = len(response)
         self.num_levels = [int(g) for g in num_levels]
         terms = [None] * len(self.num_levels) if terms is None else list(terms)
@@ -636,7 +657,7 @@ class LinearMixedSystem:
         # A column of zeros (a constant feature, once centred) says nothing about y: its
         # coefficient keeps its prior, and REML counts only the other columns.
         self.empty_columns = ~np.any(design != 0, axis=0)
-        self.total_weight = float(weights.sum())
+        self.total_weight = float(weights.sum() if rows is None else rows)
         self.weighted_squares = float(weights @ np.square(response))
         self.prior_mean = np.asarray(prior_mean, "float64")
         self.prior_precision = np.asarray(prior_precision, "float64")
@@ -979,6 +1000,7 @@ def finish_gaussian(
     held,
     sample_weight=None,
     reml=True,
+    noise_ratio=None,
 ) -> JointPosterior | GroupsGivenFixedPosterior:
     """Moves a Gaussian model's linear part to lme4's estimates and its exact posterior.
 
@@ -991,6 +1013,9 @@ def finish_gaussian(
         held: `(n,)` the part of the predictor held fixed (a subnetwork's output), or 0.
         sample_weight: `(n,)` frequency weights, or None.
         reml: REML (True) or ML estimates of the scales.
+        noise_ratio: `(n,)` each row's noise variance as a multiple of s^2, or None (all
+            1): y_i ~ Normal(eta_i, noise_ratio_i s^2). The estimators give a row with
+            missing inputs 1 + the variance they leave in its predictor over s^2.
 
     The scales are lme4's; with hyperpriors (layers with a `scale_prior`) or LKJ priors on
     R_k (`RandomEffects` with a `correlation_prior` eta != 1), the scales are at the mode
@@ -1021,14 +1046,17 @@ def finish_gaussian(
     )
     num_levels = [layer.num_groups for layer in layers]
     num_terms = [1 if t is None else t.shape[1] for t in terms]
+    rows = float(weights.sum())
+    if noise_ratio is not None:
+        weights = weights / np.asarray(noise_ratio, "float64").reshape(-1)
     arguments = (y - held, weights, design, codes, num_levels, prior_mean, prior_precision)
     wide = dense_coefficients(num_levels, num_terms, design.shape[1]) > MAX_DENSE_LEVELS
     if wide and all(d == 1 for d in num_terms):
         from reffects.sparse_finish import SparseMixedSystem  # it builds on this module
 
-        system = SparseMixedSystem(*arguments, terms)
+        system = SparseMixedSystem(*arguments, terms, rows=rows)
     else:  # too wide with more terms per group: LinearMixedSystem raises, naming the sizes
-        system = LinearMixedSystem(*arguments, terms, correlated)
+        system = LinearMixedSystem(*arguments, terms, correlated, rows=rows)
     noise_scale = float(model.likelihood.noise_scale())
     layout = system.covariance_factors
     theta = layout.theta([_covariance_factor(layer, noise_scale) for layer in layers])

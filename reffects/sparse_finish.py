@@ -87,10 +87,19 @@ class SparseMixedSystem(LinearMixedSystem):
     """
 
     def __init__(
-        self, response, weights, design, codes, num_levels, prior_mean, prior_precision, terms=None
+        self,
+        response,
+        weights,
+        design,
+        codes,
+        num_levels,
+        prior_mean,
+        prior_precision,
+        terms=None,
+        rows=None,
     ):
         self._set_common(
-            response, weights, design, num_levels, prior_mean, prior_precision, terms, None
+            response, weights, design, num_levels, prior_mean, prior_precision, terms, None, rows
         )
         if any(d != 1 for d in self.num_terms):
             raise ValueError(f"one term per factor; received {self.num_terms} terms")

@@ -1,0 +1,252 @@
+"""Missing feature values as latent variables: the model's columns jointly Normal.
+
+    x_i ~ Normal(mu, Sigma)      (every model column but the missing indicators)
+    x_i,missing | x_i,observed ~ Normal(m_i, C_i)
+
+`GaussianImputer.fit` estimates mu and Sigma by EM on the training rows, which is maximum
+likelihood when values are missing at random (whether a value is missing may depend on the
+row's observed columns). `fill` replaces each missing value by its conditional mean m_i
+given the row's observed columns (a regression on them, not the column's mean), and
+`latent_rows` gives each row's conditional covariance C_i, which the estimators add to the
+predictive variance (`reffects.estimators`): a prediction's interval widens by what its
+missing inputs leave unknown. The conditionals come from the precision matrix
+Lambda = Sigma^-1: m = mu_m - Lambda_mm^-1 Lambda_mo (x_o - mu_o), C = Lambda_mm^-1, so a
+step costs one p x p inversion plus one small solve per pattern of missing columns.
+
+Example:
+    >>> rng = np.random.default_rng(0)
+    >>> x2 = rng.normal(size=2000)
+    >>> x1 = 0.8 * x2 + 0.6 * rng.normal(size=2000)
+    >>> values = np.column_stack([x1, x2])
+    >>> values[:500, 0] = np.nan
+    >>> imputer = GaussianImputer.fit(values, latent_columns=[0])
+    >>> filled, latent = imputer.fill(values)
+    >>> round(float(filled[0, 0] / values[0, 1]), 1), latent[:2].tolist()  # E[x1 | x2] = 0.8 x2
+    (0.8, [[True, False], [True, False]])
+    >>> [(rows.size, columns.tolist(), covariance.round(2).tolist())
+    ...  for rows, columns, covariance in imputer.latent_rows(latent)]  # Var(x1 | x2) = 0.36
+    [(500, [0], [[0.36]])]
+"""
+
+import warnings
+
+import numpy as np
+
+MAX_EM_ITERATIONS = 200
+EM_TOLERANCE = 1e-7
+"""EM stops when no entry of mu or Sigma, on the columns' own scale (each divided by its
+observed sd), moves by more than this in an iteration."""
+_RIDGE = 1e-8
+"""Added to the diagonal of the standardised Sigma before inverting it: collinear columns
+(a categorical's dummies with an intercept-like sum, a copy of a column) stay invertible."""
+
+
+class GaussianImputer:
+    """A joint Normal(mu, Sigma) over the model's columns, for filling missing values with
+    their conditional means and reading their conditional covariances.
+
+    Args:
+        mean: `(q,)` mu of the modelled `columns`, on their own scale.
+        covariance: `(q, q)` Sigma.
+        columns: the `q` model columns modelled jointly (positions in a row of the model's
+            columns); the others (missing indicators) are never read.
+        latent_columns: the model columns that may be missing (among `columns`); the
+            others are read, never filled.
+        iterations: the EM iterations the fit took.
+    """
+
+    def __init__(self, mean, covariance, columns, latent_columns, iterations=0):
+        self.mean = np.asarray(mean, "float64")
+        self.covariance = np.asarray(covariance, "float64")
+        self.columns = np.asarray(columns, "int64")
+        self.latent_columns = np.asarray(latent_columns, "int64")
+        self.iterations = int(iterations)
+        scale = np.sqrt(np.maximum(np.diag(self.covariance), 0.0))
+        self._scale = np.where(scale > 0.0, scale, 1.0)
+        standardised = self.covariance / np.outer(self._scale, self._scale)
+        standardised[np.diag_indices_from(standardised)] += _RIDGE
+        self._precision = np.linalg.inv(standardised)  # of the standardised columns
+
+    @classmethod
+    def fit(cls, values, latent_columns, sample_weight=None, columns=None) -> "GaussianImputer":
+        """mu and Sigma by EM from `values` (`(n, p)`, NaN where missing, only in
+        `latent_columns`), each row counted `sample_weight` times (a row of weight 0 not
+        at all). `columns` (default all) are the columns modelled jointly: the others
+        (missing indicators) are left out and never read."""
+        values = np.asarray(values, "float64")
+        columns = np.arange(values.shape[1]) if columns is None else np.asarray(columns, "int64")
+        weight = np.ones(len(values)) if sample_weight is None else np.asarray(sample_weight)
+        counted = weight > 0
+        rows, weight = values[counted][:, columns], weight[counted].astype("float64")
+        missing = np.isnan(rows)
+        total = weight.sum()
+        # A column never observed starts (and, having no data, stays) at mean 0, sd 1,
+        # uncorrelated: its fill is 0, a constant.
+        observed_weight = weight @ ~missing
+        seen = np.maximum(observed_weight, 1e-300)
+        mean = np.nansum(weight[:, None] * rows, axis=0) / seen
+        centred = np.where(missing, 0.0, rows - mean)
+        variance = np.where(observed_weight > 0, (weight @ np.square(centred)) / seen, 1.0)
+        covariance = np.diag(np.where(variance > 0.0, variance, 1.0))
+        model = cls(mean, covariance, columns, latent_columns)
+        for iteration in range(1, MAX_EM_ITERATIONS + 1):
+            filled = model._fill_modelled(rows, missing)
+            new_mean = weight @ filled / total
+            centred = filled - new_mean
+            new_covariance = (centred.T * weight) @ centred / total
+            for pattern_rows, pattern, conditional in model._patterns(missing):
+                block = np.ix_(pattern, pattern)
+                new_covariance[block] += weight[pattern_rows].sum() / total * conditional
+            scale = model._scale
+            moved = max(
+                np.max(np.abs(new_mean - model.mean) / scale),
+                np.max(np.abs(new_covariance - model.covariance) / np.outer(scale, scale)),
+            )
+            model = cls(new_mean, new_covariance, columns, latent_columns, iteration)
+            if moved <= EM_TOLERANCE:
+                return model
+        warnings.warn(
+            f"the missing-value model (a joint Normal of the feature columns, fitted by EM) "
+            f"moved by {moved:.2g} in its last of {MAX_EM_ITERATIONS} iterations; its fills "
+            "are used as they are",
+            UserWarning,
+            stacklevel=3,
+        )
+        return model
+
+    def fill(self, values):
+        """`(filled, latent)`: a copy of `values` with each NaN in the latent columns
+        replaced by its conditional mean given the row's observed columns, and the mask
+        of the entries filled. NaN in another column is left for the caller."""
+        values = np.array(values, dtype="float64")
+        latent = np.zeros(values.shape, dtype=bool)
+        latent[:, self.latent_columns] = np.isnan(values[:, self.latent_columns])
+        values[:, self.columns] = self._fill_modelled(
+            values[:, self.columns], latent[:, self.columns]
+        )
+        return values, latent
+
+    def latent_rows(self, latent):
+        """Per pattern of missing columns in the mask `latent` (as `fill` returns it):
+        `(rows, columns, C)`, the rows with that pattern, its columns (the model's
+        positions) and their conditional covariance given the rest of the row."""
+        for rows, pattern, conditional in self._patterns(latent[:, self.columns]):
+            yield rows, self.columns[pattern], conditional
+
+    def _fill_modelled(self, rows, missing):
+        """The modelled columns `rows` with their `missing` entries at the conditional
+        means."""
+        filled = np.where(missing, 0.0, rows)
+        everything = np.arange(rows.shape[1])
+        for pattern_rows, pattern, _ in self._patterns(missing):
+            observed = np.setdiff1d(everything, pattern)
+            scale = self._scale
+            standard = filled[np.ix_(pattern_rows, observed)] - self.mean[observed]
+            standard /= scale[observed]
+            block = self._precision[np.ix_(pattern, pattern)]
+            cross = self._precision[np.ix_(pattern, observed)]
+            shift = -np.linalg.solve(block, cross @ standard.T).T
+            filled[np.ix_(pattern_rows, pattern)] = self.mean[pattern] + shift * scale[pattern]
+        return filled
+
+    def _patterns(self, missing):
+        """`(rows, columns, C)` per distinct nonempty pattern of missing columns."""
+        any_missing = np.flatnonzero(missing.any(axis=1))
+        if not any_missing.size:
+            return
+        patterns, inverse = np.unique(missing[any_missing], axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        for index, pattern in enumerate(patterns):
+            columns = np.flatnonzero(pattern)
+            block = self._precision[np.ix_(columns, columns)]
+            scale = self._scale[columns]
+            conditional = np.linalg.inv(block) * np.outer(scale, scale)
+            yield any_missing[inverse == index], columns, conditional
+
+
+_SUBNETWORK_CHUNK = 1 << 22
+"""At most this many feature values (draws x rows x columns) go through a subnetwork at once."""
+
+
+def latent_predictor_draws(
+    imputer, latent, features, feature_scale, coefficients, subnetwork, num_samples, rng
+):
+    """Draws of what each row's missing inputs add to its predictor: `(num_samples, n)`,
+    zeros for a complete row.
+
+    A row's missing columns are drawn from their conditional Normal given its observed
+    columns (`GaussianImputer.latent_rows`), as deviations delta from the fill; the draw is
+    `coefficients_i . delta` plus, with a subnetwork f, `f(x_i + delta)` less its mean over
+    the row's draws: the prediction keeps f's output at the fill (where f, which sees the
+    missing indicators, learned the mean of such rows), and the draws add the spread the
+    unknown value gives f.
+
+    Args:
+        imputer: the fitted `GaussianImputer`; `latent` the mask of filled entries.
+        features: `(n, p)` the rows on the model's scale (standardised, filled).
+        feature_scale: `(p,)` the standardisation's scales (the imputer works on the
+            data's scale).
+        coefficients: `(n, p)` each row's coefficient on each column in the linear part
+            (beta plus its groups' random slopes), at their posterior means; `(p,)` when
+            every row has the same (beta).
+        subnetwork: None, or a function of `(m, p)` model-scale features giving the
+            subnetwork's `(m,)` output (the estimators read it as if the drawn values had
+            been observed: the missing indicators at 0).
+        rng: a numpy `Generator`.
+
+    Example:
+        >>> values = np.array([[1.0, 2.0], [np.nan, 0.0], [3.0, 4.0], [2.0, 2.5]])
+        >>> imputer = GaussianImputer.fit(values, latent_columns=[0])
+        >>> filled, latent = imputer.fill(values)
+        >>> draws = latent_predictor_draws(imputer, latent, filled, np.ones(2),
+        ...     np.ones((4, 2)), None, 5000, np.random.default_rng(0))
+        >>> draws[:, [0, 2, 3]].any(), bool(draws[:, 1].std() > 0)
+        (np.False_, True)
+    """
+    draws = np.zeros((num_samples, len(features)))
+    width = features.shape[1]
+    for rows, columns, covariance in imputer.latent_rows(latent):
+        scale = feature_scale[columns]
+        factor = np.linalg.cholesky(covariance / np.outer(scale, scale))
+        step = max(1, _SUBNETWORK_CHUNK // (num_samples * width))
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            deviation = rng.standard_normal((num_samples, len(part), len(columns))) @ factor.T
+            draws[:, part] = np.einsum(
+                "srj,rj->sr", deviation, _row_coefficients(coefficients, part, columns)
+            )
+            if subnetwork is None:
+                continue
+            moved = np.repeat(features[part][None].astype("float64"), num_samples, axis=0)
+            moved[:, :, columns] += deviation
+            output = subnetwork(moved.reshape(-1, width)).reshape(num_samples, len(part))
+            draws[:, part] += output - output.mean(axis=0)
+    return draws
+
+
+def latent_predictor_variance(imputer, latent, feature_scale, coefficients):
+    """The variance each row's missing inputs add to a linear predictor,
+    `coefficients_i' C_i coefficients_i` (`(n,)`, 0 for a complete row; arguments as
+    `latent_predictor_draws`'s).
+
+    Example:
+        >>> values = np.array([[1.0, 2.0], [np.nan, 0.0], [3.0, 4.0], [2.0, 2.5]])
+        >>> imputer = GaussianImputer.fit(values, latent_columns=[0])
+        >>> variance = latent_predictor_variance(
+        ...     imputer, imputer.fill(values)[1], np.ones(2), np.ones((4, 2)))
+        >>> variance[[0, 2, 3]].tolist(), bool(variance[1] > 0)
+        ([0.0, 0.0, 0.0], True)
+    """
+    variance = np.zeros(len(latent))
+    for rows, columns, covariance in imputer.latent_rows(latent):
+        scale = feature_scale[columns]
+        c = _row_coefficients(coefficients, rows, columns)
+        variance[rows] = np.einsum("rj,jk,rk->r", c, covariance / np.outer(scale, scale), c)
+    return variance
+
+
+def _row_coefficients(coefficients, rows, columns):
+    """`(len(rows), len(columns))` coefficients, from an `(n, p)` or a shared `(p,)` array."""
+    if coefficients.ndim == 1:
+        return np.broadcast_to(coefficients[columns], (len(rows), len(columns)))
+    return coefficients[np.ix_(rows, columns)]
