@@ -93,11 +93,11 @@ _SHARED_PARAMETERS = """
         with its conditional mean given the row's observed columns and a 0/1 column
         `col[missing]` is added (for a categorical column, missing is a level of its own);
         a "gaussian" row with a missing value counts as noisier by the variance its
-        unknown value leaves in the predictor, and `return_std` and the predictive draws
-        include that variance (through a subnetwork too, from draws of the value). At
-        predict, a missing value in a column complete in fit is filled with its mean in
-        fit and a warning. `feature_names_` lists the resulting columns. Missing values in y, in a
-        group column or in `sample_weight` are errors.
+        unknown value leaves in the predictor (in the exact finish), and `return_std` and
+        the predictive draws include that variance (through a subnetwork too, from draws
+        of the value). At predict, a missing value in a column complete in fit is filled
+        with its mean in fit and a warning. `feature_names_` lists the resulting columns.
+        Missing values in y, in a group column or in `sample_weight` are errors.
     random_slopes : dict or None
         Group column -> list of feature columns whose slopes vary by that factor's groups,
         as lme4's `(1 + x | g)`: `{"Subject": ["Days"]}`. The columns stay fixed effects
@@ -321,28 +321,36 @@ class _MixedModelEstimator(BaseEstimator):
         inputs = EncodedData(features.astype("float32"), codes).model_inputs()
         return subnetwork_output(self.model_, inputs)
 
+    def _latent_subnetwork(self):
+        """The subnetwork as `latent_predictor_draws` reads it (the missing indicators at
+        0: as if the drawn values had been observed), or None when there is none in use or
+        it sees no column that had missing values."""
+        seen = self._subnetwork_features  # None: every column
+        sees_latent = seen is None or set(seen) & set(self._feature_coding.latent)
+        if not (self._subnetwork_in_use() and sees_latent):
+            return None
+        indicators = self._feature_coding.indicators
+        observed = -self._feature_mean[indicators] / self._feature_scale[indicators]
+
+        def subnetwork(features):
+            features = features.copy()
+            features[:, indicators] = observed
+            return self._subnetwork_at(features)
+
+        return subnetwork
+
     def _latent_draws(self, data, num_samples, rng):
         """`latent_predictor_draws` for `data`'s rows: `(num_samples, n)`, what their missing
         inputs add to the predictor, or None when fit saw no missing value."""
         if self._imputer is None:
             return None
-        subnetwork = None
-        if self._subnetwork_in_use():
-            indicators = self._feature_coding.indicators
-            observed = -self._feature_mean[indicators] / self._feature_scale[indicators]
-
-            def subnetwork(features):  # as if the drawn values had been observed
-                features = features.copy()
-                features[:, indicators] = observed
-                return self._subnetwork_at(features)
-
         return latent_predictor_draws(
             self._imputer,
             data.latent,
             data.features,
             self._feature_scale,
             self._latent_coefficients(data),
-            subnetwork,
+            self._latent_subnetwork(),
             num_samples,
             rng,
         )
@@ -354,7 +362,7 @@ class _MixedModelEstimator(BaseEstimator):
         out), from `_LATENT_DRAWS` draws with a subnetwork; zeros when fit saw none."""
         if self._imputer is None:
             return np.zeros(len(data.features))
-        if not self._subnetwork_in_use():
+        if self._latent_subnetwork() is None:
             return latent_predictor_variance(
                 self._imputer, data.latent, self._feature_scale, self._latent_coefficients(data)
             )
