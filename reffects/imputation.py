@@ -84,19 +84,26 @@ class GaussianImputer:
         # uncorrelated: its fill is 0, a constant.
         observed_weight = weight @ ~missing
         seen = np.maximum(observed_weight, 1e-300)
-        mean = np.nansum(weight[:, None] * rows, axis=0) / seen
-        centred = np.where(missing, 0.0, rows - mean)
-        variance = np.where(observed_weight > 0, (weight @ np.square(centred)) / seen, 1.0)
-        covariance = np.diag(np.where(variance > 0.0, variance, 1.0))
-        model = cls(mean, covariance, columns, latent_columns)
+        shift = np.nansum(weight[:, None] * rows, axis=0) / seen
+        rows = rows - shift  # EM works on columns centred at their observed means
+        variance = (weight @ np.square(np.where(missing, 0.0, rows))) / seen
+        variance = np.where((observed_weight > 0) & (variance > 0.0), variance, 1.0)
+        model = cls(np.zeros(len(columns)), np.diag(variance), columns, latent_columns)
+        # Only the latent columns change between iterations: the cross-products of the
+        # others are computed once, those of the latent ones each time (n x |L| x p).
+        latent = np.flatnonzero(missing.any(axis=0))
+        gram = (np.where(missing, 0.0, rows).T * weight) @ np.where(missing, 0.0, rows)
+        groups = _missing_patterns(missing)
         for iteration in range(1, MAX_EM_ITERATIONS + 1):
-            filled = model._fill_modelled(rows, missing)
+            filled = model._fill_modelled(rows, missing, groups)
             new_mean = weight @ filled / total
-            centred = filled - new_mean
-            new_covariance = (centred.T * weight) @ centred / total
-            for pattern_rows, pattern, conditional in model._patterns(missing):
-                block = np.ix_(pattern, pattern)
-                new_covariance[block] += weight[pattern_rows].sum() / total * conditional
+            part = (filled[:, latent].T * weight) @ filled
+            gram[latent, :] = part
+            gram[:, latent] = part.T
+            new_covariance = gram / total - np.outer(new_mean, new_mean)
+            for pattern_rows, pattern in groups:
+                share = weight[pattern_rows].sum() / total
+                new_covariance[np.ix_(pattern, pattern)] += share * model._conditional(pattern)
             scale = model._scale
             moved = max(
                 np.max(np.abs(new_mean - model.mean) / scale),
@@ -104,7 +111,7 @@ class GaussianImputer:
             )
             model = cls(new_mean, new_covariance, columns, latent_columns, iteration)
             if moved <= EM_TOLERANCE:
-                return model
+                return cls(new_mean + shift, new_covariance, columns, latent_columns, iteration)
         warnings.warn(
             f"the missing-value model (a joint Normal of the feature columns, fitted by EM) "
             f"moved by {moved:.2g} in its last of {MAX_EM_ITERATIONS} iterations; its fills "
@@ -112,7 +119,7 @@ class GaussianImputer:
             UserWarning,
             stacklevel=3,
         )
-        return model
+        return cls(model.mean + shift, model.covariance, columns, latent_columns, iteration)
 
     def fill(self, values):
         """`(filled, latent)`: a copy of `values` with each NaN in the latent columns
@@ -121,9 +128,10 @@ class GaussianImputer:
         values = np.array(values, dtype="float64")
         latent = np.zeros(values.shape, dtype=bool)
         latent[:, self.latent_columns] = np.isnan(values[:, self.latent_columns])
-        values[:, self.columns] = self._fill_modelled(
-            values[:, self.columns], latent[:, self.columns]
-        )
+        rows = np.flatnonzero(latent.any(axis=1))  # only these change
+        if rows.size:
+            block = np.ix_(rows, self.columns)
+            values[block] = self._fill_modelled(values[block], latent[block])
         return values, latent
 
     def latent_rows(self, latent):
@@ -133,35 +141,51 @@ class GaussianImputer:
         for rows, pattern, conditional in self._patterns(latent[:, self.columns]):
             yield rows, self.columns[pattern], conditional
 
-    def _fill_modelled(self, rows, missing):
+    def _fill_modelled(self, rows, missing, groups=None):
         """The modelled columns `rows` with their `missing` entries at the conditional
-        means."""
+        means (`groups`: `_missing_patterns(missing)`, if already known)."""
         filled = np.where(missing, 0.0, rows)
-        everything = np.arange(rows.shape[1])
-        for pattern_rows, pattern, _ in self._patterns(missing):
-            observed = np.setdiff1d(everything, pattern)
-            scale = self._scale
-            standard = filled[np.ix_(pattern_rows, observed)] - self.mean[observed]
-            standard /= scale[observed]
+        for pattern_rows, pattern in _missing_patterns(missing) if groups is None else groups:
+            standard = (filled[pattern_rows] - self.mean) / self._scale
+            cross = self._precision[pattern].copy()
+            cross[:, pattern] = 0.0  # the observed columns only
             block = self._precision[np.ix_(pattern, pattern)]
-            cross = self._precision[np.ix_(pattern, observed)]
             shift = -np.linalg.solve(block, cross @ standard.T).T
-            filled[np.ix_(pattern_rows, pattern)] = self.mean[pattern] + shift * scale[pattern]
+            filled[np.ix_(pattern_rows, pattern)] = (
+                self.mean[pattern] + shift * self._scale[pattern]
+            )
         return filled
+
+    def _conditional(self, pattern):
+        """The conditional covariance of the modelled columns `pattern` given the others."""
+        scale = self._scale[pattern]
+        return np.linalg.inv(self._precision[np.ix_(pattern, pattern)]) * np.outer(scale, scale)
 
     def _patterns(self, missing):
         """`(rows, columns, C)` per distinct nonempty pattern of missing columns."""
-        any_missing = np.flatnonzero(missing.any(axis=1))
-        if not any_missing.size:
-            return
-        patterns, inverse = np.unique(missing[any_missing], axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        for index, pattern in enumerate(patterns):
-            columns = np.flatnonzero(pattern)
-            block = self._precision[np.ix_(columns, columns)]
-            scale = self._scale[columns]
-            conditional = np.linalg.inv(block) * np.outer(scale, scale)
-            yield any_missing[inverse == index], columns, conditional
+        for rows, pattern in _missing_patterns(missing):
+            yield rows, pattern, self._conditional(pattern)
+
+
+def _missing_patterns(missing):
+    """`(rows, columns)` per distinct nonempty pattern of missing columns in the mask."""
+    rows = np.flatnonzero(missing.any(axis=1))
+    if not rows.size:
+        return []
+    columns = np.flatnonzero(missing.any(axis=0))
+    part = missing[np.ix_(rows, columns)]
+    if len(columns) < 63:  # each pattern as one integer
+        keys = part.astype("int64") @ (np.int64(1) << np.arange(len(columns), dtype="int64"))
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        patterns = part[first]
+    else:
+        patterns, inverse = np.unique(part, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(patterns) + 1))
+    return [
+        (rows[order[bounds[i] : bounds[i + 1]]], columns[patterns[i]]) for i in range(len(patterns))
+    ]
 
 
 _SUBNETWORK_CHUNK = 1 << 22
