@@ -19,8 +19,9 @@ finish), fitted once per draw, in turn, on the same rows:
 - reffects (NaN in X): the rows as they are, NaN where a value is missing; the estimator
   models the missing values as latent (`reffects.imputation`: x1, x2, x3 jointly Normal,
   fitted by EM), fills each with its conditional mean given the row's x2 and x3, adds the
-  indicator column `x1[missing]`, counts a row with a missing value as noisier by what it
-  leaves unknown, and widens its predictive interval by as much;
+  indicator column `x1[missing]`, and gives the rows with x1 missing a noise variance of
+  their own (a ratio to the complete rows', estimated with the fit), which widens their
+  predictive intervals;
 - mean fill + indicator (by hand): x1's missing values filled with its training mean and
   the indicator added as a column before the fit and at predict (the estimator's handling
   before the latent-variable model);

@@ -63,6 +63,7 @@ from reffects.training_recipe import (
     raise_if_diverged,
     run_sgd,
     subnetwork_columns,
+    subnetwork_head,
     subnetwork_output,
     subnetwork_schedules,
     validation_rows,
@@ -74,11 +75,11 @@ _ROWS_PER_DRAW_CHUNK = 2_000_000  # rows x draws per chunk of predictive draws
 _LATENT_DRAWS = 200
 """Draws of a row's missing inputs from which the variance they add through a subnetwork is
 estimated (`_latent_variance`); without a subnetwork it is exact."""
-_LATENT_REFITS = 3
-_LATENT_SETTLED = 1e-3
-"""A Gaussian fit with missing inputs is finished again, each row's noise variance at
-s^2 + what its missing inputs add, at most `_LATENT_REFITS` times, until s moves by less
-than this fraction (`_finish_latent_noise`)."""
+_PATTERN_REFITS = 3
+_PATTERN_SETTLED = 1e-3
+"""A Gaussian fit with missing inputs is finished again with each pattern of missing
+columns' noise variance ratio, at most `_PATTERN_REFITS` times, until no ratio moves by
+more than this fraction (`_finish_pattern_noise`)."""
 
 _SHARED_PARAMETERS = """
     group_cols : list of column names (DataFrame) or integer positions (ndarray)
@@ -92,12 +93,14 @@ _SHARED_PARAMETERS = """
         columns are jointly Normal (fitted by EM on fit's rows), a missing value is filled
         with its conditional mean given the row's observed columns and a 0/1 column
         `col[missing]` is added (for a categorical column, missing is a level of its own);
-        a "gaussian" row with a missing value counts as noisier by the variance its
-        unknown value leaves in the predictor (in the exact finish), and `return_std` and
-        the predictive draws include that variance (through a subnetwork too, from draws
-        of the value). At predict, a missing value in a column complete in fit is filled
-        with its mean in fit and a warning. `feature_names_` lists the resulting columns.
-        Missing values in y, in a group column or in `sample_weight` are errors.
+        in a "gaussian" model the rows of each pattern of missing columns get a noise
+        variance of their own, s^2 lambda (lambda >= 1, estimated with the exact finish,
+        as nlme's `varIdent`), which `return_std` and `predict_interval` use; for
+        "binomial" and "poisson" the predictive draws draw the missing values from their
+        conditional Normal (through a subnetwork too). At predict, a missing value in a
+        column complete in fit is filled with its mean in fit and a warning.
+        `feature_names_` lists the resulting columns. Missing values in y, in a group
+        column or in `sample_weight` are errors.
     random_slopes : dict or None
         Group column -> list of feature columns whose slopes vary by that factor's groups,
         as lme4's `(1 + x | g)`: `{"Subject": ["Days"]}`. The columns stay fixed effects
@@ -315,12 +318,6 @@ class _MixedModelEstimator(BaseEstimator):
             and (self.subnetwork_weight_ is None or self.subnetwork_weight_ > 0)
         )
 
-    def _subnetwork_at(self, features):
-        """The subnetwork's output (`(m,)`) at model-scale `features` (`(m, p)`)."""
-        codes = [np.zeros(len(features), "int64") for _ in self._levels]
-        inputs = EncodedData(features.astype("float32"), codes).model_inputs()
-        return subnetwork_output(self.model_, inputs)
-
     def _latent_subnetwork(self):
         """The subnetwork as `latent_predictor_draws` reads it (the missing indicators at
         0: as if the drawn values had been observed), or None when there is none in use or
@@ -331,11 +328,14 @@ class _MixedModelEstimator(BaseEstimator):
             return None
         indicators = self._feature_coding.indicators
         observed = -self._feature_mean[indicators] / self._feature_scale[indicators]
+        head = subnetwork_head(self.model_)
+        codes = [np.zeros(1, "int64") for _ in self._levels]
 
         def subnetwork(features):
-            features = features.copy()
+            features = features.astype("float32")
             features[:, indicators] = observed
-            return self._subnetwork_at(features)
+            inputs = EncodedData(features, [c.repeat(len(features)) for c in codes])
+            return subnetwork_output(self.model_, inputs.model_inputs(), head)
 
         return subnetwork
 
@@ -490,7 +490,7 @@ class _MixedModelEstimator(BaseEstimator):
             held = subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0
             self._finish(likelihood, every, every_y, every_weight, held)
             if isinstance(likelihood, Gaussian) and every.latent is not None:
-                self._finish_latent_noise(likelihood, every, every_y, every_weight, held)
+                self._finish_pattern_noise(likelihood, every, every_y, every_weight, held)
         else:
             layers = mixed_model_layers(self.model_)
             self.joint_posterior_ = IndependentGroupsPosterior.from_layers(layers)
@@ -586,19 +586,58 @@ class _MixedModelEstimator(BaseEstimator):
             **options,
         )
 
-    def _finish_latent_noise(self, likelihood, data, model_y, weights, held):
-        """Finishes a Gaussian model again with each row's noise variance at s^2 plus what
-        its missing inputs leave unknown (`_latent_variance`): the missing values are
-        latent, so a row with one is noisier given its observed columns, and it counts for
-        less. Repeated from the new fit until s moves by less than `_LATENT_SETTLED`."""
-        if not data.latent.any():
+    def _finish_pattern_noise(self, likelihood, data, model_y, weights, held):
+        """Finishes a Gaussian model again with a noise variance of its own, s^2 lambda_P,
+        for the rows of each pattern P of missing columns (nlme's `varIdent` by pattern):
+        lambda_P is the ratio of the pattern's mean squared residual to the complete
+        rows', at least 1 (an unknown input adds spread), and the finish weighs the rows by
+        1 / lambda_P (`finish_gaussian`'s `noise_ratio`). Repeated from the new fit until
+        no lambda moves by more than `_PATTERN_SETTLED`. Estimated from the residuals, not
+        from the missing-value model, so a subnetwork's learned mean for such rows and a
+        column far from Normal do not mislead it. Keeps `_noise_ratios` (pattern key ->
+        lambda)."""
+        keys = _pattern_keys(data.latent, self._feature_coding.latent)
+        complete = keys == keys.dtype.type(b"")
+        weights = np.ones(len(model_y)) if weights is None else np.asarray(weights, "float64")
+        patterns = [key for key in np.unique(keys[~complete])]
+        if not complete.any() or not patterns:
             return
-        for _ in range(_LATENT_REFITS):
-            before = float(likelihood.noise_scale())
-            ratio = 1.0 + self._latent_variance(data) / before**2
+        ratio = np.ones(len(model_y))
+        for _ in range(_PATTERN_REFITS):
+            residual = np.square(model_y - predict_means(self.model_.network, data.model_inputs()))
+            base = weights[complete] @ residual[complete] / max(weights[complete].sum(), 1e-300)
+            new_ratio, self._noise_ratios = np.ones(len(model_y)), {}
+            for key in patterns:
+                rows = keys == key
+                spread = weights[rows] @ residual[rows] / max(weights[rows].sum(), 1e-300)
+                self._noise_ratios[bytes(key)] = new_ratio[rows] = max(spread / base, 1.0)
+            settled = np.max(np.abs(new_ratio / ratio - 1.0)) <= _PATTERN_SETTLED
+            ratio = new_ratio
             self._finish(likelihood, data, model_y, weights, held, noise_ratio=ratio)
-            if abs(float(likelihood.noise_scale()) / before - 1.0) < _LATENT_SETTLED:
+            if settled:
                 return
+
+    def _noise_ratio(self, data):
+        """Each row's noise variance over s^2 (a Gaussian's): 1 for a complete row, its
+        pattern's lambda (`_finish_pattern_noise`), or for a pattern fit did not see (or a
+        fit without the exact finish) 1 + what its missing inputs add to the predictor
+        over s^2 (`_latent_variance`)."""
+        ratio = np.ones(len(data.features))
+        if self._imputer is None:
+            return ratio
+        keys = _pattern_keys(data.latent, self._feature_coding.latent)
+        known = getattr(self, "_noise_ratios", {})
+        unseen = np.zeros(len(ratio), dtype=bool)
+        for key in np.unique(keys):
+            rows = keys == key
+            if bytes(key) in known:
+                ratio[rows] = known[bytes(key)]
+            elif key != keys.dtype.type(b""):
+                unseen |= rows
+        if unseen.any():
+            noise = float(self.model_.likelihood.noise_scale()) ** 2
+            ratio[unseen] += self._latent_variance(data)[unseen] / noise
+        return ratio
 
     def _guard_subnetwork(self, likelihood, data, model_y, weights, validation, trained, untrained):
         """Keeps the best of the `trained` `(model, history, divergence)` (one per SGD
@@ -1012,24 +1051,25 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
 
     def _predictive_variance(self, data):
         """Var(y_new) on the standardised scale: the joint posterior's variance of the
-        linear predictor (its correlations included), what missing inputs leave unknown
-        (`_latent_variance`) and the noise."""
+        linear predictor (its correlations included) and the noise, s^2 times the row's
+        ratio for its missing inputs (`_noise_ratio`)."""
         design = np.column_stack([np.ones(len(data.features)), data.features])
         variance = self.joint_posterior_.predictor_variance(
             design, data.codes, self._factor_terms(data)
         )
-        variance += self._latent_variance(data)  # 0 for a row without missing inputs
-        return variance + float(self.model_.likelihood.noise_scale()) ** 2
+        noise = float(self.model_.likelihood.noise_scale()) ** 2
+        return variance + noise * self._noise_ratio(data)
 
     def _predictive_draws(self, data, num_samples, trials=None):
         """Posterior predictive draws, by chunks of rows: `(rows, means, ys)`, the draws of
         the response mean and of y on the model's scale, each `(num_samples, len(rows))`.
 
         The linear predictor is drawn from the joint posterior (rows of one group share its
-        offset, and every correlation is kept), a subnetwork adds its fixed output, a row's
-        missing inputs are drawn from their conditional Normal given its observed columns
-        (`reffects.imputation`), and y is drawn from the likelihood (seeded by
-        `random_state`).
+        offset, and every correlation is kept), a subnetwork adds its fixed output, and y
+        is drawn from the likelihood (seeded by `random_state`). A Gaussian row with
+        missing inputs has the noise sd s sqrt(`_noise_ratio`); for the other families a
+        row's missing inputs are drawn from their conditional Normal given its observed
+        columns (`reffects.imputation`).
         """
         check_finite_parameters(self.model_)  # a NaN rate would hang a Poisson sampler
         rng = np.random.default_rng(self._seed)
@@ -1052,13 +1092,16 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             chunk = EncodedData(
                 data.features[rows], [c[rows] for c in data.codes], _rows(data.latent, rows)
             )
+            if isinstance(likelihood, Gaussian):
+                means = eta
+                noise = float(likelihood.noise_scale()) * np.sqrt(self._noise_ratio(chunk))
+                y = eta + noise * rng.standard_normal(eta.shape)
+                yield rows, means, y
+                continue
             latent = self._latent_draws(chunk, num_samples, rng)
             if latent is not None:  # each draw its own values of the missing inputs
                 eta += latent
-            if isinstance(likelihood, Gaussian):
-                means = eta
-                y = eta + float(likelihood.noise_scale()) * rng.standard_normal(eta.shape)
-            elif isinstance(likelihood, Poisson):
+            if isinstance(likelihood, Poisson):
                 means = np.exp(np.minimum(eta, 700.0))
                 y = rng.poisson(means).astype("float64")
             else:
@@ -1071,6 +1114,20 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
 
 def _rows(values, rows):
     return None if values is None else values[rows]
+
+
+def _pattern_keys(latent, columns):
+    """Each row's pattern of missing values among the model `columns` as a bytes key
+    (`b""` for a complete row), an array of `len(latent)`.
+
+    Example:
+        >>> _pattern_keys(np.array([[True, False], [False, False]]), [0, 1]).tolist()
+        [b'\\x80', b'']
+    """
+    if latent is None:
+        return np.zeros(0, dtype="S1")
+    packed = np.packbits(latent[:, columns], axis=1)
+    return packed.view(f"S{packed.shape[1]}").reshape(-1)
 
 
 def _row_subset(data, model_y, weights, held_out, validation):

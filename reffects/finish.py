@@ -1014,8 +1014,8 @@ def finish_gaussian(
         sample_weight: `(n,)` frequency weights, or None.
         reml: REML (True) or ML estimates of the scales.
         noise_ratio: `(n,)` each row's noise variance as a multiple of s^2, or None (all
-            1): y_i ~ Normal(eta_i, noise_ratio_i s^2). The estimators give a row with
-            missing inputs 1 + the variance they leave in its predictor over s^2.
+            1): y_i ~ Normal(eta_i, noise_ratio_i s^2). The estimators give the rows of
+            each pattern of missing inputs a ratio of their own.
 
     The scales are lme4's; with hyperpriors (layers with a `scale_prior`) or LKJ priors on
     R_k (`RandomEffects` with a `correlation_prior` eta != 1), the scales are at the mode

@@ -7,9 +7,11 @@
 likelihood when values are missing at random (whether a value is missing may depend on the
 row's observed columns). `fill` replaces each missing value by its conditional mean m_i
 given the row's observed columns (a regression on them, not the column's mean), and
-`latent_rows` gives each row's conditional covariance C_i, which the estimators add to the
-predictive variance (`reffects.estimators`): a prediction's interval widens by what its
-missing inputs leave unknown. The conditionals come from the precision matrix
+`latent_rows` gives each row's conditional covariance C_i, from which the estimators draw
+the missing inputs in a binomial or Poisson model's predictive draws
+(`latent_predictor_draws`), and which sets a Gaussian row's noise when its pattern of
+missing columns was not seen in fit (`latent_predictor_variance`): a prediction's interval
+widens by what its missing inputs leave unknown. The conditionals come from the precision matrix
 Lambda = Sigma^-1: m = mu_m - Lambda_mm^-1 Lambda_mo (x_o - mu_o), C = Lambda_mm^-1, so a
 step costs one p x p inversion plus one small solve per pattern of missing columns.
 

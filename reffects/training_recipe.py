@@ -243,12 +243,18 @@ def subnetwork_columns(features, columns=None, categorical=None) -> list | None:
     return chosen or None
 
 
-def subnetwork_output(model, inputs) -> np.ndarray:
-    """The output of the layer `subnetwork_output` of a `build_mixed_model` network at the
-    posterior means (no dropout), as float64 of shape (n,), or (n, K - 1) with K classes."""
+def subnetwork_head(model):
+    """A Keras model of the network's inputs giving its layer `subnetwork_output`: the
+    subnetwork (sharing its weights) on the `build_mixed_model` network's inputs."""
     network = model.network
-    head = keras.Model(network.inputs, network.get_layer("subnetwork_output").output)
-    output = predict_means(head, inputs)
+    return keras.Model(network.inputs, network.get_layer("subnetwork_output").output)
+
+
+def subnetwork_output(model, inputs, head=None) -> np.ndarray:
+    """The output of the layer `subnetwork_output` of a `build_mixed_model` network at the
+    posterior means (no dropout), as float64 of shape (n,), or (n, K - 1) with K classes;
+    `head`: `subnetwork_head(model)` if already built."""
+    output = predict_means(subnetwork_head(model) if head is None else head, inputs)
     units = model.likelihood.predictor_units
     return output if units == 1 else output.reshape(-1, units)
 
