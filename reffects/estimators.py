@@ -486,6 +486,7 @@ class _MixedModelEstimator(BaseEstimator):
             for layer, codes in zip(mixed_model_layers(self.model_).factors, every.codes):
                 layer.adapt(codes)  # the finish fits every row: each group's n counts them all
             self.model_.training_size.assign(float(len(every_y)))
+        self._noise_ratios = {}
         if finishable:
             held = subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0
             self._finish(likelihood, every, every_y, every_weight, held)
@@ -494,6 +495,8 @@ class _MixedModelEstimator(BaseEstimator):
         else:
             layers = mixed_model_layers(self.model_)
             self.joint_posterior_ = IndependentGroupsPosterior.from_layers(layers)
+        if isinstance(likelihood, Gaussian):
+            self.noise_ratios_ = self._named_noise_ratios()
         self.fit_time_ = time.perf_counter() - start
         self.history_ = history
         self._read_posteriors()
@@ -616,6 +619,16 @@ class _MixedModelEstimator(BaseEstimator):
             self._finish(likelihood, data, model_y, weights, held, noise_ratio=ratio)
             if settled:
                 return
+
+    def _named_noise_ratios(self) -> dict:
+        """`_noise_ratios` keyed by the tuple of the pattern's missing columns' names."""
+        latent = self._feature_coding.latent
+        named = {}
+        for key, ratio in getattr(self, "_noise_ratios", {}).items():
+            bits = np.unpackbits(np.frombuffer(key, "uint8"))[: len(latent)].astype(bool)
+            names = tuple(self._feature_labels[j] for j, on in zip(latent, bits) if on)
+            named[names] = float(ratio)
+        return named
 
     def _noise_ratio(self, data):
         """Each row's noise variance over s^2 (a Gaussian's): 1 for a complete row, its
@@ -859,6 +872,10 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     ----------"""
         + _SHARED_ATTRIBUTES
         + """    noise_scale_ : float, "gaussian" only
+    noise_ratios_ : dict, "gaussian" only
+        Tuple of the feature columns missing in a row -> that pattern's noise variance over
+        `noise_scale_ ** 2` (at least 1; see `group_cols`), one entry per pattern seen in
+        fit; empty when fit saw no missing value or had no exact finish.
 
     Examples
     --------

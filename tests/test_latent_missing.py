@@ -196,6 +196,7 @@ def test_a_pattern_unseen_in_fit_takes_its_spread_from_the_missing_value_model()
     )
     _, sd = est.predict(new, return_std=True)
     assert sd[0] < min(sd[1], sd[2]) and sd[3] > max(sd[1], sd[2])
+    assert sorted(est.noise_ratios_) == [("x1",), ("x2",)]
     # the single patterns' sds: s^2 lambda with lambda estimated from residuals (measured
     # 4.69 and 4.62); each missing x leaves Var(x | other) = 0.91 times beta^2 = 1 unknown
     # (measured 0.93 and 0.91 above the complete row's variance; asserted within 15%, the
