@@ -46,6 +46,7 @@ from reffects.imputation import (
     GaussianImputer,
     latent_predictor_draws,
     latent_predictor_variance,
+    mean_preserving,
 )
 from reffects.joint_posterior import IndependentGroupsPosterior, JointPosterior
 from reffects.layers import RandomIntercept
@@ -95,9 +96,11 @@ _SHARED_PARAMETERS = """
         `col[missing]` is added (for a categorical column, missing is a level of its own);
         in a "gaussian" model the rows of each pattern of missing columns get a noise
         variance of their own, s^2 lambda (lambda >= 1, estimated with the exact finish,
-        as nlme's `varIdent`), which `return_std` and `predict_interval` use; for
+        a variance per pattern as nlme's `varIdent`, here a moment ratio of residuals;
+        none when no row is complete), which `return_std` and `predict_interval` use; for
         "binomial" and "poisson" the predictive draws draw the missing values from their
-        conditional Normal (through a subnetwork too). At predict, a missing value in a
+        conditional Normal (through a subnetwork too), their mean response held at the
+        prediction's. At predict, a missing value in a
         column complete in fit is filled with its mean in fit and a warning.
         `feature_names_` lists the resulting columns. Missing values in y, in a group
         column or in `sample_weight` are errors.
@@ -649,7 +652,10 @@ class _MixedModelEstimator(BaseEstimator):
                 unseen |= rows
         if unseen.any():
             noise = float(self.model_.likelihood.noise_scale()) ** 2
-            ratio[unseen] += self._latent_variance(data)[unseen] / noise
+            rows = EncodedData(
+                data.features[unseen], [c[unseen] for c in data.codes], data.latent[unseen]
+            )
+            ratio[unseen] += self._latent_variance(rows) / noise
         return ratio
 
     def _guard_subnetwork(self, likelihood, data, model_y, weights, validation, trained, untrained):
@@ -875,7 +881,9 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
     noise_ratios_ : dict, "gaussian" only
         Tuple of the feature columns missing in a row -> that pattern's noise variance over
         `noise_scale_ ** 2` (at least 1; see `group_cols`), one entry per pattern seen in
-        fit; empty when fit saw no missing value or had no exact finish.
+        fit; empty when fit saw no missing value or no complete row, or had no exact
+        finish (every row with a missing value then takes its ratio from the missing-value
+        model).
 
     Examples
     --------
@@ -1117,7 +1125,8 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
                 continue
             latent = self._latent_draws(chunk, num_samples, rng)
             if latent is not None:  # each draw its own values of the missing inputs
-                eta += latent
+                centre = predict_means(self.model_.network, chunk.model_inputs())
+                eta += mean_preserving(latent, centre, self.family)
             if isinstance(likelihood, Poisson):
                 means = np.exp(np.minimum(eta, 700.0))
                 y = rng.poisson(means).astype("float64")
@@ -1143,7 +1152,7 @@ def _pattern_keys(latent, columns):
     """
     if latent is None:
         return np.zeros(0, dtype="S1")
-    packed = np.packbits(latent[:, columns], axis=1)
+    packed = np.ascontiguousarray(np.packbits(latent[:, columns], axis=1))
     return packed.view(f"S{packed.shape[1]}").reshape(-1)
 
 

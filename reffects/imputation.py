@@ -33,11 +33,12 @@ Example:
 import warnings
 
 import numpy as np
+from scipy import special
 
 MAX_EM_ITERATIONS = 200
 EM_TOLERANCE = 1e-7
-"""EM stops when no entry of mu or Sigma, on the columns' own scale (each divided by its
-observed sd), moves by more than this in an iteration."""
+"""EM stops when no entry of mu or Sigma, on the columns' own scale (each divided by its sd
+under the current Sigma), moves by more than this in an iteration."""
 _RIDGE = 1e-8
 """Added to the diagonal of the standardised Sigma before inverting it: collinear columns
 (a categorical's dummies with an intercept-like sum, a copy of a column) stay invertible."""
@@ -190,6 +191,9 @@ def _missing_patterns(missing):
     ]
 
 
+_NEWTON_STEPS = 8
+"""Newton steps of `mean_preserving`'s shift under a logit link (from 0; the mean of a
+logistic's draws is smooth and monotone in the shift)."""
 _SUBNETWORK_CHUNK = 1 << 22
 """At most this many feature values (draws x rows x columns) go through a subnetwork at once."""
 
@@ -276,3 +280,32 @@ def _row_coefficients(coefficients, rows, columns):
     if coefficients.ndim == 1:
         return np.broadcast_to(coefficients[columns], (len(rows), len(columns)))
     return coefficients[np.ix_(rows, columns)]
+
+
+def mean_preserving(latent, eta, family):
+    """`latent` draws (`(num_samples, n)`, on the link scale) shifted per row so that the
+    mean response over them at the predictor `eta` (`(n,)`) is the response at `eta`.
+
+    A fit holds each filled value as if observed, so the missing indicator and the
+    intercept already learned the mean response of rows with a missing value; the draws of
+    a "poisson" or "binomial" model add only the spread the unknown value gives (without
+    the shift, exp's convexity would raise a Poisson row's mean by about exp(b^2 C / 2)).
+    `family` is "poisson" (log link: the shift is exact) or "binomial" (logit link: Newton
+    steps on the shift).
+
+    Example:
+        >>> latent = np.array([[-1.0, 0.0], [1.0, 0.0]])
+        >>> shifted = mean_preserving(latent, np.zeros(2), "poisson")
+        >>> np.exp(shifted).mean(axis=0).round(6).tolist()
+        [1.0, 1.0]
+    """
+    if family == "poisson":
+        largest = latent.max(axis=0)
+        return latent - largest - np.log(np.mean(np.exp(latent - largest), axis=0))
+    target = special.expit(eta)
+    shift = np.zeros(latent.shape[1])
+    for _ in range(_NEWTON_STEPS):
+        mean = special.expit(eta + latent + shift)
+        slope = np.maximum(np.mean(mean * (1.0 - mean), axis=0), 1e-12)
+        shift -= (mean.mean(axis=0) - target) / slope
+    return latent + shift
