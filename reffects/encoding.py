@@ -53,6 +53,11 @@ class EncodedData:
         self.codes = codes
         self.latent = latent  # mask of the filled missing values (`reffects.imputation`)
 
+    def subset(self, rows) -> "EncodedData":
+        """The rows `rows` (a mask, indices or a slice) of every piece."""
+        latent = None if self.latent is None else self.latent[rows]
+        return EncodedData(self.features[rows], [codes[rows] for codes in self.codes], latent)
+
     def model_inputs(self):
         """The inputs of the model `build_mixed_model` builds: features (if any), codes."""
         inputs = list(self.codes)

@@ -652,10 +652,7 @@ class _MixedModelEstimator(BaseEstimator):
                 unseen |= rows
         if unseen.any():
             noise = float(self.model_.likelihood.noise_scale()) ** 2
-            rows = EncodedData(
-                data.features[unseen], [c[unseen] for c in data.codes], data.latent[unseen]
-            )
-            ratio[unseen] += self._latent_variance(rows) / noise
+            ratio[unseen] += self._latent_variance(data.subset(unseen)) / noise
         return ratio
 
     def _guard_subnetwork(self, likelihood, data, model_y, weights, validation, trained, untrained):
@@ -1114,9 +1111,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             )
             if subnetwork is not None:
                 eta += subnetwork[rows]
-            chunk = EncodedData(
-                data.features[rows], [c[rows] for c in data.codes], _rows(data.latent, rows)
-            )
+            chunk = data.subset(rows)
             if isinstance(likelihood, Gaussian):
                 means = eta
                 noise = float(likelihood.noise_scale()) * np.sqrt(self._noise_ratio(chunk))
@@ -1162,9 +1157,7 @@ def _row_subset(data, model_y, weights, held_out, validation):
     if held_out is None:
         return data, model_y, weights
     rows = held_out if validation else ~held_out
-    codes = [group_codes[rows] for group_codes in data.codes]
-    subset = EncodedData(data.features[rows], codes, _rows(data.latent, rows))
-    return subset, model_y[rows], _rows(weights, rows)
+    return data.subset(rows), model_y[rows], _rows(weights, rows)
 
 
 class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
