@@ -70,11 +70,6 @@ def check_params(estimator) -> int:
             "`correlation_prior` must be None or a positive finite number (the LKJ eta). "
             f"Received: correlation_prior={eta!r}"
         )
-    if not isinstance(estimator.correlated_slopes, (bool, np.bool_)):
-        raise ValueError(
-            "`correlated_slopes` must be True or False. "
-            f"Received: correlated_slopes={estimator.correlated_slopes!r}"
-        )
     return random_seed(estimator.random_state)
 
 
@@ -208,6 +203,7 @@ class SplitColumns:
         random_slopes: per grouping factor, positions in `features` of its random slopes'
             columns, or None.
         random_intercepts: per grouping factor, whether it has a random intercept.
+        correlated_slopes: per grouping factor, whether its terms are correlated.
         num_rows: X's number of rows.
     """
 
@@ -218,11 +214,17 @@ class SplitColumns:
     subnetwork_features: list | None
     random_slopes: list
     random_intercepts: list
+    correlated_slopes: list
     num_rows: int
 
 
 def split_columns(
-    frame, group_cols, subnetwork_cols=None, random_slopes=None, random_intercept=True
+    frame,
+    group_cols,
+    subnetwork_cols=None,
+    random_slopes=None,
+    random_intercept=True,
+    correlated_slopes=True,
 ) -> SplitColumns:
     """Splits the DataFrame X into feature columns and checked group labels (see
     `SplitColumns`); `reffects.encoding.FeatureCoding` checks and codes the features.
@@ -232,6 +234,8 @@ def split_columns(
         >>> columns = split_columns(frame, ["g"], ["z"], {"g": ["x"]}, {"g": False})
         >>> columns.subnetwork_features, columns.random_slopes, columns.random_intercepts
         ([1], [[0]], [False])
+        >>> split_columns(frame, ["g"], None, {"g": ["x"]}, True, {"g": False}).correlated_slopes
+        [False]
     """
     cols, positions = _group_positions(frame, group_cols)
     groups = [_group_labels(col, frame.iloc[:, pos]) for col, pos in zip(cols, positions)]
@@ -248,6 +252,7 @@ def split_columns(
         subnetwork_features=subnetwork,
         random_slopes=slopes,
         random_intercepts=intercepts,
+        correlated_slopes=_correlation_flags(correlated_slopes, cols),
         num_rows=frame.shape[0],
     )
 
@@ -556,6 +561,25 @@ def _random_intercepts(random_intercept, cols, slopes) -> list:
                 f"leave its random intercept on. Received: random_intercept={random_intercept!r}"
             )
     return result
+
+
+def _correlation_flags(correlated_slopes, cols) -> list:
+    """Per grouping factor in `cols`, whether its terms are correlated: `correlated_slopes`
+    is a bool for every factor or a dict group column -> bool (True where a factor is left
+    out)."""
+    flags = correlated_slopes
+    if isinstance(flags, (bool, np.bool_)):
+        flags = {col: flags for col in cols}
+    if not isinstance(flags, dict) or not all(
+        isinstance(flag, (bool, np.bool_)) for flag in flags.values()
+    ):
+        raise ValueError(
+            "`correlated_slopes` must be True, False or a dict mapping group columns to True "
+            f"or False, e.g. {{'Subject': True, 'Item': False}}. "
+            f"Received: correlated_slopes={correlated_slopes!r}"
+        )
+    _check_group_keys("correlated_slopes", flags, cols)
+    return [bool(flags.get(col, True)) for col in cols]
 
 
 def _is_positive_int(value) -> bool:

@@ -468,20 +468,23 @@ def slope_shifts(
     random_slopes, correlated_slopes, feature_mean, feature_scale, random_intercepts=None
 ) -> list:
     """Per factor, what the slope inputs add to the standardised features: nothing when
-    the terms are correlated with a random intercept (the fit does not depend on the
-    origin), the features' mean over sd when they are independent or have no random
-    intercept (`random_intercepts`, per factor; default all True), so that the slopes
-    vary about the data's own origin, as lme4's `||` and `(0 + x | g)` mean it.
+    the terms are correlated (`correlated_slopes`, per factor) with a random intercept
+    (the fit does not depend on the origin), the features' mean over sd when they are
+    independent or have no random intercept (`random_intercepts`, per factor; default all
+    True), so that the slopes vary about the data's own origin, as lme4's `||` and
+    `(0 + x | g)` mean it.
 
     Example:
-        >>> shifts = slope_shifts([None, [0]], False, np.array([2.0]), np.array([4.0]))
+        >>> shifts = slope_shifts([None, [0]], [True, False], np.array([2.0]), np.array([4.0]))
         >>> shifts[0], float(shifts[1][0])
         (None, 0.5)
     """
     random_intercepts = random_intercepts or [True] * len(random_slopes)
     shifts = []
-    for positions, intercept in zip(random_slopes, random_intercepts):
-        if not positions or (correlated_slopes and intercept):
+    for positions, correlated, intercept in zip(
+        random_slopes, correlated_slopes, random_intercepts
+    ):
+        if not positions or (correlated and intercept):
             shifts.append(None)
             continue
         shifts.append(list(feature_mean[positions] / feature_scale[positions]))
@@ -554,13 +557,13 @@ class DataScale(NamedTuple):
 
 
 def factor_term_scale(
-    slope_positions, correlated_slopes, feature_mean, feature_scale, intercept=True
+    slope_positions, correlated, feature_mean, feature_scale, intercept=True
 ) -> np.ndarray:
     """The map A from a factor's coefficients on the model's scale to the data's, less
     the response scale: a group's `[intercept, *slopes]` (its `slopes` without a random
     `intercept`) on the data's scale is `response_scale * A` times the model's.
     `slope_positions` are the positions of the factor's slope columns among the features
-    (None for a random intercept alone).
+    (None for a random intercept alone); `correlated`: whether its terms are correlated.
 
     Example:
         >>> factor_term_scale([0], True, np.array([3.0]), np.array([4.0])).tolist()
@@ -575,6 +578,6 @@ def factor_term_scale(
     if positions:
         scale = feature_scale[positions]
         matrix[1:, 1:] = np.diag(1.0 / scale)
-        if correlated_slopes:  # centred slopes move the intercept
+        if correlated:  # centred slopes move the intercept
             matrix[0, 1:] = -feature_mean[positions] / scale
     return matrix

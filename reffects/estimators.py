@@ -116,9 +116,11 @@ _SHARED_PARAMETERS = """
         `(0 + x | g)`: `random_slopes={"Subject": ["Days"]}, random_intercept={"Subject":
         False}`. lme4's `(1 | g) + (0 + x | g)` is `correlated_slopes=False` with the
         intercept kept.
-    correlated_slopes : bool
+    correlated_slopes : bool or dict
         True: each factor's terms (intercept and slopes) are correlated (lme4's `|`);
-        False: independent (lme4's `||`, on the features' own origin).
+        False: independent (lme4's `||`, on the features' own origin); or a dict group
+        column -> bool, one choice per factor (a factor left out: True), as lme4's
+        `(1 + x | Subject) + (1 + x || Item)`: `{"Item": False}`.
     hidden_units : tuple of int
         `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f, guarded so
         that it cannot make the fit worse than the mixed model: SGD trains on all but a
@@ -170,8 +172,8 @@ _SHARED_PARAMETERS = """
         correlated random slopes (density proportional to det(R_k)^(eta - 1)): eta = 1 is
         uniform (the fit equals None's), eta > 1 shrinks the correlations toward 0. R_k
         stays a point estimate, at the mode of the marginal posterior (the finish) or the
-        MAP of the ELBO (SGD). None: a flat prior. Ignored with `correlated_slopes=False`
-        or without slopes.
+        MAP of the ELBO (SGD). None: a flat prior. Ignored for a factor whose terms are
+        independent (`correlated_slopes`) or without slopes.
     prior_scale : float
         Standard deviation of the Normal priors of alpha and beta (features are
         standardised, so beta's prior is per standard deviation of its feature).
@@ -243,7 +245,12 @@ class _MixedModelEstimator(BaseEstimator):
         else:
             frame = align_columns(frame, getattr(self, "_fit_columns", None))
         return split_columns(
-            frame, self.group_cols, self.subnetwork_cols, self.random_slopes, self.random_intercept
+            frame,
+            self.group_cols,
+            self.subnetwork_cols,
+            self.random_slopes,
+            self.random_intercept,
+            self.correlated_slopes,
         )
 
     def _encode(self, X, reset, sample_weight=None):
@@ -265,6 +272,7 @@ class _MixedModelEstimator(BaseEstimator):
                 for col, positions in zip(cols, columns.random_slopes)
             ]
             self._random_intercepts = columns.random_intercepts
+            self._correlated_slopes = columns.correlated_slopes
             self._levels = [group_levels(col, values) for col, values in zip(cols, groups)]
         # `features` is this method's own array, standardised in place.
         features = self._feature_coding.encode(columns.features, columns.num_rows, not reset)
@@ -376,7 +384,7 @@ class _MixedModelEstimator(BaseEstimator):
         """Per factor, what its slope inputs add to the standardised features."""
         return slope_shifts(
             self._random_slopes,
-            self.correlated_slopes,
+            self._correlated_slopes,
             self._feature_mean,
             self._feature_scale,
             self._random_intercepts,
@@ -440,7 +448,7 @@ class _MixedModelEstimator(BaseEstimator):
                 scale_prior=self.scale_prior,
                 correlation_prior=self.correlation_prior,
                 seed=self._seed,
-                correlated_slopes=bool(self.correlated_slopes),
+                correlated_slopes=self._correlated_slopes,
                 slope_shifts=self._slope_shifts(),
                 random_intercepts=self._random_intercepts,
             )
@@ -742,7 +750,7 @@ class _MixedModelEstimator(BaseEstimator):
         """`term_scale` of the k-th grouping factor."""
         return factor_term_scale(
             self._random_slopes[k],
-            self.correlated_slopes,
+            self._correlated_slopes[k],
             self._feature_mean,
             self._feature_scale,
             self._random_intercepts[k],
@@ -909,7 +917,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         group_cols=None,
         random_slopes=None,
         random_intercept=True,
-        correlated_slopes: bool = True,
+        correlated_slopes: bool | dict = True,
         hidden_units=(),
         subnetwork_cols=None,
         dropout: float = 0.0,
@@ -1245,7 +1253,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         group_cols=None,
         random_slopes=None,
         random_intercept=True,
-        correlated_slopes: bool = True,
+        correlated_slopes: bool | dict = True,
         hidden_units=(),
         subnetwork_cols=None,
         dropout: float = 0.0,

@@ -12,6 +12,12 @@ is read as lme4 reads it and mapped onto `RandomEffectsRegressor` (families "gau
                                          random_intercept={"g": False}: slopes alone, about
                                          x's own origin, as lme4 has them
     (0 + x + z || g)                     the same, with correlated_slopes=False
+    (x | a) + (x || b)                   correlated_slopes={"a": True, "b": False}: one
+                                         choice per factor
+    (1 | g) + (0 + x + z | g)            as lme4: two factors, g (the intercept) and g.1
+                                         (x and z correlated, no intercept), group column
+                                         g.1 a copy of g; so whenever a factor's term
+                                         correlates several effects and it has other terms
     (1 | a/b)                            (1 | a) + (1 | a:b)
     (1 | a:b)                            a group column "a:b": a's and b's labels as strings,
                                          joined by ":"
@@ -31,11 +37,7 @@ What reffects cannot express is an error, not a silent change of model:
 
 - a random slope is always a fixed effect too: `y ~ (x | g)` is an error (lme4 would fix
   the slope's mean at 0); write `y ~ x + (x | g)`;
-- one formula has either correlated (`|`) or independent (`||`, `(1 | g) + (0 + x | g)`)
-  slopes, since `correlated_slopes` is one switch for the whole model (a factor with one
-  effect, `(1 | g)` or `(0 + x | g)`, goes with either);
-- slopes correlated with each other but not with the intercept
-  (`(1 | g) + (0 + x + z | g)`), a factor's intercept in two terms, categorical slopes in
+- a factor's intercept in two terms, categorical slopes in
   a term with `||` or without an intercept (lme4 codes them with every level there),
   offsets, and a fixed part without its intercept (`0 +`, `- 1`: the estimators always
   fit one) are errors.
@@ -135,7 +137,7 @@ class LmeFormula:
         group_factors: group column -> the data columns it is made of (`"a:b"` -> a, b).
         random_slopes: group column -> its slope feature columns (empty: intercepts only).
         correlated_slopes: False when the slopes are independent of the intercepts (and of
-            each other).
+            each other); a dict group column -> bool when that differs by factor.
         random_intercept: group column -> whether it has a random intercept (False for a
             factor with `(0 + x | g)` terms alone).
         feature_names: the fixed-effect columns, the intercept left out.
@@ -151,7 +153,7 @@ class LmeFormula:
     group_cols: tuple[str, ...]
     group_factors: dict[str, tuple[str, ...]]
     random_slopes: dict[str, tuple[str, ...]]
-    correlated_slopes: bool
+    correlated_slopes: bool | dict[str, bool]
     random_intercept: dict[str, bool]
     feature_names: tuple[str, ...]
     model_spec: ModelSpec = field(repr=False, compare=False)
@@ -165,7 +167,11 @@ class LmeFormula:
         params = {"group_cols": list(self.group_cols)}
         if self.random_slopes:
             params["random_slopes"] = {g: list(s) for g, s in self.random_slopes.items()}
-            params["correlated_slopes"] = self.correlated_slopes
+            params["correlated_slopes"] = (
+                dict(self.correlated_slopes)
+                if isinstance(self.correlated_slopes, dict)
+                else self.correlated_slopes
+            )
         without = {g: False for g, has in self.random_intercept.items() if not has}
         if without:
             params["random_intercept"] = without
@@ -595,8 +601,16 @@ def _grouping_factors(rhs, chunk, formula, data):
 
 def _random_structure(random_terms, columns_of_term, formula):
     """(group_cols, group_factors, random_slopes, correlated_slopes, random_intercept) of
-    the random terms; `random_intercept` maps each factor to whether it has one."""
-    terms_of, intercept_term, slopes = {}, {}, {}
+    the random terms; `random_intercept` maps each factor to whether it has one;
+    `correlated_slopes` is one bool when every factor with several effects has them
+    correlated (`|`) or every one independent (`||`), else a dict factor -> bool.
+
+    A grouping factor in several terms is one factor with independent effects, unless one
+    of its terms correlates several effects (`(1 | g) + (0 + x + z | g)`): then, as in
+    lme4, each term is a factor of its own, `g`, `g.1`, ... (a copy of g's labels), whose
+    effects are independent of the other terms'.
+    """
+    terms_of, intercept_term, seen, own_columns = {}, {}, {}, {}
     for term in random_terms:
         if not term.intercept and not term.slopes:
             raise ValueError(
@@ -613,58 +627,60 @@ def _random_structure(random_terms, columns_of_term, formula):
                         "one (write its slopes in one term, or use `0 + x`)"
                     )
                 intercept_term[factor] = term.text
-            columns = slopes.setdefault(factor, [])
+            columns = own_columns.setdefault((term.text, factor), [])
             # lme4 codes a categorical slope with every level in a term without an intercept
             # or with `||`; reffects codes it as the fixed part does, so only in `(1 + c | g)`.
             full_rank = term.independent or not term.intercept
             for slope, key in zip(term.slopes, term.slope_factors):
                 columns_of_slope = columns_of_term.get(key)
                 for column in _slope_columns(slope, columns_of_slope, term, full_rank, formula):
-                    if column in columns:
+                    if column in seen.setdefault(factor, []):
                         raise ValueError(
                             f"the random slope of {column!r} on {factor!r} appears twice in "
                             f"{formula!r}"
                         )
+                    seen[factor].append(column)
                     columns.append(column)
-    correlated_terms, independent_terms = [], []
-    for factor, terms in terms_of.items():
-        if len(terms) == 1:  # one term: `|` correlates its effects, `||` does not
-            (term,) = terms
-            if int(term.intercept) + len(term.slopes) > 1:
-                (independent_terms if term.independent else correlated_terms).append(term.text)
-            continue
-        joint = [t for t in terms if not t.independent and int(t.intercept) + len(t.slopes) > 1]
-        if joint:
-            others = [t.text for t in terms if t is not joint[0]]
-            raise ValueError(
-                f"{joint[0].text!r} in {formula!r} makes its effects correlated with each other "
-                f"but not with {others} on the same factor {factor!r}, which reffects does not "
-                f"fit; write them in one term `(1 + ... | {factor})` (all correlated) or with "
-                "`||` (all independent)"
-            )
-        for term in terms:  # one factor's effects in several terms: independent
-            if term.text not in independent_terms:
-                independent_terms.append(term.text)
-    if correlated_terms and independent_terms:
-        raise ValueError(
-            "reffects fits all random slopes either correlated with each other and their "
-            f"intercept or all independent (`correlated_slopes`); {formula!r} has correlated "
-            f"slopes in {correlated_terms} and independent ones in {independent_terms}: use "
-            "`|` or `||` throughout"
-        )
-    group_factors = {}
+    source = {}
     for term in random_terms:
         for factor, columns in zip(term.factors, term.factor_columns):
-            group_factors.setdefault(factor, columns)
-    random_slopes = {factor: tuple(cols) for factor, cols in slopes.items() if cols}
-    random_intercept = {factor: factor in intercept_term for factor in terms_of}
-    return (
-        list(terms_of),
-        group_factors,
-        random_slopes,
-        not independent_terms,
-        random_intercept,
-    )
+            source.setdefault(factor, columns)
+    group_cols, group_factors, random_slopes, random_intercept = [], {}, {}, {}
+    correlated = {}  # factor -> whether its effects are correlated, where it has several
+    owner = {}  # estimator factor -> the formula's factor it comes from
+
+    def add(name, factor, terms, flag):
+        if name in owner:  # a column named as lme4 names a further term on a factor
+            split = owner[name] if owner[name] != name else factor
+            raise ValueError(
+                f"{formula!r} groups by a column {name!r}, which is also lme4's name for a "
+                f"further term on {split!r}; rename that column"
+            )
+        owner[name] = factor
+        group_cols.append(name)
+        group_factors[name] = source[factor]
+        columns = [c for term in terms for c in own_columns[(term.text, factor)]]
+        if columns:
+            random_slopes[name] = tuple(columns)
+        random_intercept[name] = any(term.intercept for term in terms)
+        if int(random_intercept[name]) + len(columns) > 1:
+            correlated[name] = flag
+
+    for factor, terms in terms_of.items():
+        joint = [t for t in terms if not t.independent and int(t.intercept) + len(t.slopes) > 1]
+        if len(terms) == 1:  # one term: `|` correlates its effects, `||` does not
+            add(factor, factor, terms, not terms[0].independent)
+        elif not joint:  # several terms, none correlating its effects: independent
+            add(factor, factor, terms, False)
+        else:  # each term its own factor, as lme4's g, g.1, ...
+            for index, term in enumerate(terms):
+                add(f"{factor}.{index}" if index else factor, factor, [term], not term.independent)
+    flags = set(correlated.values())
+    if len(flags) > 1:  # `|` on one factor, `||` on another: one flag per factor
+        correlated_slopes = dict(correlated)
+    else:
+        correlated_slopes = flags.pop() if flags else True
+    return group_cols, group_factors, random_slopes, correlated_slopes, random_intercept
 
 
 def _factors(term):

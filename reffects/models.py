@@ -89,7 +89,7 @@ def build_mixed_model(
     num_examples: int | None = None,
     seed: int | None = None,
     random_slopes: list | None = None,
-    correlated_slopes: bool = True,
+    correlated_slopes: bool | list = True,
     slope_shifts: list | None = None,
     random_intercepts: list | None = None,
 ) -> ELBOModel:
@@ -102,7 +102,8 @@ def build_mixed_model(
     (one entry per factor: None, or the positions of the features whose slopes vary by
     that factor's groups), a factor with slopes gets a `RandomEffects` layer
     `random_effects_k` on its ids and those features (a `SelectFeatures` named `slopes_k`,
-    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes` (then
+    adding `slope_shifts[k]` if given), its terms correlated when `correlated_slopes` (one
+    flag for every factor, or a list of one per factor; then
     under an LKJ(`correlation_prior`) prior on their correlation if that is given),
     without a random intercept where `random_intercepts[k]` is False (default: all True).
     `FixedEffects` sees
@@ -183,6 +184,8 @@ def build_mixed_model(
     random_slopes = random_slopes or [None] * len(num_groups)
     slope_shifts = slope_shifts or [None] * len(num_groups)
     random_intercepts = random_intercepts or [True] * len(num_groups)
+    if isinstance(correlated_slopes, (bool, np.bool_)):
+        correlated_slopes = [bool(correlated_slopes)] * len(num_groups)
     for k, (slopes, intercept) in enumerate(zip(random_slopes, random_intercepts)):
         if not (intercept or slopes):
             raise ValueError(
@@ -197,9 +200,9 @@ def build_mixed_model(
                 count,
                 len(random_slopes[k]),
                 intercept=bool(random_intercepts[k]),
-                correlated=correlated_slopes,
+                correlated=correlated_slopes[k],
                 scale_prior=scale_prior,
-                correlation_prior=correlation_prior if correlated_slopes else None,
+                correlation_prior=correlation_prior if correlated_slopes[k] else None,
                 initial_group_scale=initial_group_scale,
                 seed=next_seed(),
                 name=f"random_effects_{k}",

@@ -200,11 +200,8 @@ BAD_FORMULAS = {
     "y ~ x + offset(z) + (1 | g)": "offsets are not supported",
     "y ~ x + (0 | g)": "'\\(0 \\| g\\)'.* has no effects left of `\\|`",
     "y ~ c + (0 + c | g)": "random slope 'c' of '\\(0 \\+ c \\| g\\)'.* is categorical",
-    "y ~ x + z + (1 + x | g) + (0 + z | g)": "'\\(1 \\+ x \\| g\\)'.* correlated with each "
-    "other but not with \\['\\(0 \\+ z \\| g\\)'\\] on the same factor 'g'",
     "y ~ z + (x | g)": "random slope 'x' of '\\(x \\| g\\)' is not a fixed effect.*add 'x'",
     "y ~ x + (1 | g) + (x | g)": "'g' has a random intercept in both '\\(1 \\| g\\)' and '\\(x",
-    "y ~ x + z + (1 | g) + (0 + x + z | g)": "correlated with each other but not",
     "y ~ c + (1 | g) + (0 + c | g)": "random slope 'c'.* is categorical",
     "y ~ x + (x | g) + (x | g)": "random intercept in both",
     "cbind(s) ~ x + (1 | g)": "cbind\\(...\\) takes two arguments",
@@ -218,13 +215,59 @@ def test_bad_formulas_name_the_offending_term(data, text):
         parse_formula(text, data)
 
 
-def test_mixing_correlated_and_independent_slopes_names_both_terms(data):
-    text = "y ~ x + z + (x | g) + (z || a)"
-    with pytest.raises(ValueError, match="correlated slopes in \\['\\(x \\| g\\)'\\] and "
-                       "independent ones in \\['\\(z \\|\\| a\\)'\\]"):  # fmt: skip
-        parse_formula(text, data)
-    with pytest.raises(ValueError, match="correlated slopes in \\['\\(0 \\+ x \\+ z \\| g\\)'"):
-        parse_formula("y ~ x + z + (0 + x + z | g) + (z || a)", data)
+SPLIT_FACTORS = {
+    # formula: (group_cols, random_slopes, random_intercept, correlated_slopes), as lme4's
+    # g, g.1, ...: a term that correlates several effects is a factor of its own
+    "y ~ x + z + (1 | g) + (0 + x + z | g)": (
+        ["g", "g.1"],
+        {"g.1": ["x", "z"]},
+        {"g.1": False},
+        True,
+    ),
+    "y ~ x + z + (1 + x | g) + (0 + z | g)": (
+        ["g", "g.1"],
+        {"g": ["x"], "g.1": ["z"]},
+        {"g.1": False},
+        True,
+    ),
+    "y ~ x * z + (x || g) + (0 + z + x:z | g)": (
+        ["g", "g.1"],
+        {"g": ["x"], "g.1": ["z", "x:z"]},
+        {"g.1": False},
+        {"g": False, "g.1": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("text", list(SPLIT_FACTORS))
+def test_a_term_correlating_effects_beside_others_is_a_factor_of_its_own(data, text):
+    group_cols, slopes, intercept, correlated = SPLIT_FACTORS[text]
+    spec = parse_formula(text, data)
+    params = spec.estimator_params()
+    assert params["group_cols"] == group_cols
+    assert params["random_slopes"] == slopes
+    assert params.get("random_intercept") == intercept
+    assert params["correlated_slopes"] == correlated
+    assert spec.group_factors["g.1"] == ("g",)  # the same labels
+    frame = design_frame(spec, data)
+    assert (frame["g.1"] == data["g"]).all()
+
+
+def test_a_column_named_as_a_split_factor_is_an_error(data):
+    data = data.assign(**{"g.1": data["g"]})
+    with pytest.raises(
+        ValueError, match="'g.1', which is also lme4's name for a further term on 'g'"
+    ):
+        parse_formula("y ~ x + z + (1 | g) + (0 + x + z | g) + (1 | g.1)", data)
+
+
+def test_correlated_slopes_on_one_factor_and_independent_on_another(data):
+    params = parse_formula("y ~ x + z + (x | g) + (z || a)", data).estimator_params()
+    assert params["correlated_slopes"] == {"g": True, "a": False}
+    assert params["random_slopes"] == {"g": ["x"], "a": ["z"]}
+    # a factor with one effect takes no flag; the others agree: one bool
+    params = parse_formula("y ~ x + z + (0 + x + z | g) + (1 | a)", data).estimator_params()
+    assert params["correlated_slopes"] is True
 
 
 NO_INTERCEPT = {

