@@ -204,6 +204,7 @@ class SplitColumns:
             columns, or None.
         random_intercepts: per grouping factor, whether it has a random intercept.
         correlated_slopes: per grouping factor, whether its terms are correlated.
+        offset: the offset column's values (float64), or None without `offset_col`.
         num_rows: X's number of rows.
     """
 
@@ -215,6 +216,7 @@ class SplitColumns:
     random_slopes: list
     random_intercepts: list
     correlated_slopes: list
+    offset: np.ndarray | None
     num_rows: int
 
 
@@ -225,6 +227,7 @@ def split_columns(
     random_slopes=None,
     random_intercept=True,
     correlated_slopes=True,
+    offset_col=None,
 ) -> SplitColumns:
     """Splits the DataFrame X into feature columns and checked group labels (see
     `SplitColumns`); `reffects.encoding.FeatureCoding` checks and codes the features.
@@ -240,7 +243,10 @@ def split_columns(
     cols, positions = _group_positions(frame, group_cols)
     groups = [_group_labels(col, frame.iloc[:, pos]) for col, pos in zip(cols, positions)]
     names = [str(c) for c in frame.columns]
-    feature_positions = [i for i in range(frame.shape[1]) if i not in positions]
+    offset_position, offset = _offset(frame, offset_col, positions)
+    feature_positions = [
+        i for i in range(frame.shape[1]) if i not in positions and i != offset_position
+    ]
     subnetwork = _subnetwork_positions(frame, subnetwork_cols, positions, feature_positions)
     slopes = _slope_positions(frame, random_slopes, cols, positions, feature_positions)
     intercepts = _random_intercepts(random_intercept, cols, slopes)
@@ -253,6 +259,7 @@ def split_columns(
         random_slopes=slopes,
         random_intercepts=intercepts,
         correlated_slopes=_correlation_flags(correlated_slopes, cols),
+        offset=offset,
         num_rows=frame.shape[0],
     )
 
@@ -493,6 +500,7 @@ def _subnetwork_positions(X, subnetwork_cols, group_positions, feature_positions
                 f"subnetwork column {col!r} is a group column; `subnetwork_cols` lists "
                 "numeric feature columns, which must not be in `group_cols`"
             )
+        _check_not_offset("subnetwork", col, pos, feature_positions)
     return [feature_positions.index(pos) for pos in positions]
 
 
@@ -523,8 +531,46 @@ def _slope_positions(X, random_slopes, cols, group_positions, feature_positions)
                     f"random slope column {slope_col!r} of {col!r} is a group column; "
                     "slopes vary on numeric feature columns"
                 )
+            _check_not_offset("random slope", slope_col, pos, feature_positions)
         result.append([feature_positions.index(pos) for pos in positions])
     return result
+
+
+def _offset(frame, offset_col, group_positions):
+    """`(position, values)` of the offset column (float64, finite), or `(None, None)`."""
+    if offset_col is None:
+        return None, None
+    if not isinstance(offset_col, (str, numbers.Integral)) or isinstance(offset_col, bool):
+        raise ValueError(
+            "`offset_col` must name one column of X (a name, or a position for an ndarray). "
+            f"Received: offset_col={offset_col!r}"
+        )
+    (position,) = _column_positions(frame, [offset_col], "offset")
+    if position in group_positions:
+        raise ValueError(f"offset column {offset_col!r} is a group column")
+    column = frame.iloc[:, position]
+    if is_categorical(offset_col, column):
+        raise ValueError(
+            f"offset column {offset_col!r} must be numeric (the offset on the link scale, "
+            f"e.g. log exposure for a Poisson rate). Received dtype {column.dtype}"
+        )
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(
+            f"offset column {offset_col!r} has a missing or infinite value at row {row} "
+            f"({column.iloc[row]!r}); every row needs a finite offset"
+        )
+    return position, values
+
+
+def _check_not_offset(kind, col, position, feature_positions):
+    if position not in feature_positions:  # not a group column: the offset
+        raise ValueError(
+            f"{kind} column {col!r} is the offset column (`offset_col`), which enters the "
+            "predictor with coefficient 1 and is not a feature"
+        )
 
 
 def _check_group_keys(name, mapping, cols):

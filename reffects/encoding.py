@@ -39,8 +39,9 @@ _UNSEEN_WARNING_SHARE = 0.5
 
 
 class EncodedData:
-    """Design pieces of X: standardised features, integer group codes per factor and, when
-    fit saw missing values, the mask of the entries filled (`latent`, else None).
+    """Design pieces of X: standardised features, integer group codes per factor, when
+    fit saw missing values the mask of the entries filled (`latent`, else None), and the
+    offset on the model's predictor scale (`offset`, else None).
 
     Example:
         >>> data = EncodedData(np.zeros((2, 1), "float32"), [np.array([0, 1])])
@@ -48,21 +49,27 @@ class EncodedData:
         [(2, 1), (2,)]
     """
 
-    def __init__(self, features, codes, latent=None):
+    def __init__(self, features, codes, latent=None, offset=None):
         self.features = features
         self.codes = codes
         self.latent = latent  # mask of the filled missing values (`reffects.imputation`)
+        self.offset = offset
 
     def subset(self, rows) -> "EncodedData":
         """The rows `rows` (a mask, indices or a slice) of every piece."""
         latent = None if self.latent is None else self.latent[rows]
-        return EncodedData(self.features[rows], [codes[rows] for codes in self.codes], latent)
+        offset = None if self.offset is None else self.offset[rows]
+        codes = [codes[rows] for codes in self.codes]
+        return EncodedData(self.features[rows], codes, latent, offset)
 
     def model_inputs(self):
-        """The inputs of the model `build_mixed_model` builds: features (if any), codes."""
+        """The inputs of the model `build_mixed_model` builds: features (if any), codes,
+        the offset (if any)."""
         inputs = list(self.codes)
         if self.features.shape[1]:
             inputs.insert(0, self.features)
+        if self.offset is not None:
+            inputs.append(np.asarray(self.offset, "float32"))
         return inputs
 
 

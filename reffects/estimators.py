@@ -121,6 +121,11 @@ _SHARED_PARAMETERS = """
         False: independent (lme4's `||`, on the features' own origin); or a dict group
         column -> bool, one choice per factor (a factor left out: True), as lme4's
         `(1 + x | Subject) + (1 + x || Item)`: `{"Item": False}`.
+    offset_col : str, int or None
+        A numeric column of X added to the linear predictor with coefficient 1, on the
+        link scale (lme4's `offset()`): log exposure for a Poisson rate, log trials or a
+        known part of eta. It is not a feature (no coefficient) and must be in X at
+        predict too. None: no offset. Not with more than two classes.
     hidden_units : tuple of int
         `()` for a linear mixed model; e.g. `(32, 16)` adds a ReLU subnetwork f, guarded so
         that it cannot make the fit worse than the mixed model: SGD trains on all but a
@@ -251,6 +256,7 @@ class _MixedModelEstimator(BaseEstimator):
             self.random_slopes,
             self.random_intercept,
             self.correlated_slopes,
+            self.offset_col,
         )
 
     def _encode(self, X, reset, sample_weight=None):
@@ -294,7 +300,10 @@ class _MixedModelEstimator(BaseEstimator):
             group_codes(col, levels, values, warn_unseen=not reset)
             for col, levels, values in zip(cols, self._levels, groups)
         ]
-        return EncodedData(float32_features, codes, latent)
+        offset = columns.offset  # at fit, `_fit` scales it with y (`_model_target`)
+        if offset is not None and not reset:
+            offset = offset / self._y_scale
+        return EncodedData(float32_features, codes, latent, offset)
 
     def _missing_value_model(self, features, sample_weight):
         """The joint Normal of the model's columns (`GaussianImputer`) whose conditional
@@ -410,7 +419,9 @@ class _MixedModelEstimator(BaseEstimator):
         self._seed = check_params(self)  # the fit's one seed, from random_state
         every_weight = check_sample_weight(sample_weight, len(X))
         every = self._encode(X, reset=True, sample_weight=every_weight)
-        likelihood, every_y = self._model_target(y, every_weight)
+        likelihood, every_y = self._model_target(y, every_weight, every.offset)
+        if every.offset is not None:  # on the model's scale, as y
+            every.offset = every.offset / self._y_scale
         subnetwork = bool(self.hidden_units) and every.features.shape[1] > 0
         if subnetwork and self.subnetwork_cols is None:
             coding = self._feature_coding
@@ -451,6 +462,7 @@ class _MixedModelEstimator(BaseEstimator):
                 correlated_slopes=self._correlated_slopes,
                 slope_shifts=self._slope_shifts(),
                 random_intercepts=self._random_intercepts,
+                offset=data.offset is not None,
             )
 
         self.model_ = starting_model()
@@ -499,7 +511,7 @@ class _MixedModelEstimator(BaseEstimator):
             self.model_.training_size.assign(float(len(every_y)))
         self._noise_ratios = {}
         if finishable:
-            held = subnetwork_output(self.model_, every.model_inputs()) if subnetwork else 0.0
+            held = _held(self.model_, every, subnetwork)
             self._finish(likelihood, every, every_y, every_weight, held)
             if isinstance(likelihood, Gaussian) and every.latent is not None:
                 self._finish_pattern_noise(likelihood, every, every_y, every_weight, held)
@@ -674,9 +686,7 @@ class _MixedModelEstimator(BaseEstimator):
 
         def finish(model):
             self.model_ = model
-            self._finish(
-                likelihood, data, model_y, weights, subnetwork_output(model, data.model_inputs())
-            )
+            self._finish(likelihood, data, model_y, weights, _held(model, data, True))
 
         index, weight, scores, failure = choose_subnetwork_weight(
             [model for model, _, _ in trained], finish, validation, start=untrained
@@ -799,9 +809,9 @@ class _MixedModelEstimator(BaseEstimator):
             counts = keras.ops.convert_to_numpy(layer.group_counts).astype("int64")
             self.random_effects_[col] = _effects_table(col, levels, names, mean, sd, counts)
 
-    def _subnetwork_part(self, data):
-        """The subnetwork's output per row (the predictor less its linear part), on the
-        model's scale, at the current posterior means."""
+    def _held_part(self, data):
+        """The predictor less its linear part per row (the subnetwork's output and the
+        offset), on the model's scale, at the current posterior means."""
         layers = mixed_model_layers(self.model_)
         linear = float(layers.intercept.intercept_loc.numpy()[0])
         if layers.fixed_effects is not None:
@@ -918,6 +928,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         random_slopes=None,
         random_intercept=True,
         correlated_slopes: bool | dict = True,
+        offset_col=None,
         hidden_units=(),
         subnetwork_cols=None,
         dropout: float = 0.0,
@@ -940,6 +951,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         self.random_slopes = random_slopes
         self.random_intercept = random_intercept
         self.correlated_slopes = correlated_slopes
+        self.offset_col = offset_col
         self.hidden_units = hidden_units
         self.subnetwork_cols = subnetwork_cols
         self.dropout = dropout
@@ -986,8 +998,9 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         X = as_frame(X)
         return self._fit_checked(X, _target_vector(self, y, X), sample_weight, callbacks)
 
-    def _model_target(self, y, weights):
-        """The likelihood and y on the model's scale (standardised for "gaussian")."""
+    def _model_target(self, y, weights, offset=None):
+        """The likelihood and y on the model's scale (standardised for "gaussian", by the
+        mean and sd of y less the `offset`)."""
         try:
             target = np.asarray(y, dtype="float64")
         except (ValueError, TypeError):
@@ -1001,8 +1014,12 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             # constant y); the model sees the standardised y, the estimates are mapped back.
             # Weighted (frequency weights): a row of weight 2 is exactly two rows.
             standardised = target[:, None].copy()
+            if offset is not None:
+                standardised[:, 0] -= offset
             mean, scale = standardise(standardised, ["y"], "target", weights)
             self._y_mean, self._y_scale = float(mean[0]), float(scale[0])
+            if offset is not None:
+                standardised[:, 0] += offset / self._y_scale
             return likelihood, standardised[:, 0].astype("float32")
         likelihood = get_likelihood(self.family)
         target = likelihood.check_targets(target, weights)
@@ -1104,7 +1121,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         check_finite_parameters(self.model_)  # a NaN rate would hang a Poisson sampler
         rng = np.random.default_rng(self._seed)
         design = np.column_stack([np.ones(len(data.features)), data.features])
-        subnetwork = self._subnetwork_part(data) if self.hidden_units else None
+        held = self._held_part(data) if self.hidden_units or data.offset is not None else None
         likelihood = self.model_.likelihood
         terms = self._factor_terms(data)
         rows_per_chunk = max(1, _ROWS_PER_DRAW_CHUNK // num_samples)
@@ -1117,8 +1134,8 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
                 rng,
                 [None if t is None else t[rows] for t in terms],
             )
-            if subnetwork is not None:
-                eta += subnetwork[rows]
+            if held is not None:
+                eta += held[rows]
             chunk = data.subset(rows)
             if isinstance(likelihood, Gaussian):
                 means = eta
@@ -1139,6 +1156,13 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
                 n = np.ones(eta.shape[1]) if chunk_trials is None else chunk_trials
                 y = rng.binomial(n.astype("int64"), means) / np.maximum(n, 1.0)
             yield rows, means, y
+
+
+def _held(model, data, subnetwork) -> np.ndarray | float:
+    """What the finish holds fixed in the predictor: the subnetwork's output (with
+    `subnetwork`) plus the offset, on the model's scale; 0.0 when neither."""
+    held = subnetwork_output(model, data.model_inputs()) if subnetwork else 0.0
+    return held if data.offset is None else held + data.offset.astype("float64")
 
 
 def _rows(values, rows):
@@ -1254,6 +1278,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         random_slopes=None,
         random_intercept=True,
         correlated_slopes: bool | dict = True,
+        offset_col=None,
         hidden_units=(),
         subnetwork_cols=None,
         dropout: float = 0.0,
@@ -1274,6 +1299,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         self.random_slopes = random_slopes
         self.random_intercept = random_intercept
         self.correlated_slopes = correlated_slopes
+        self.offset_col = offset_col
         self.hidden_units = hidden_units
         self.subnetwork_cols = subnetwork_cols
         self.dropout = dropout
@@ -1319,7 +1345,7 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         self.classes_ = classes
         return self._fit_checked(X, y, sample_weight, callbacks)
 
-    def _model_target(self, y, weights):
+    def _model_target(self, y, weights, offset=None):
         self._y_mean, self._y_scale = 0.0, 1.0
         if len(self.classes_) == 2:
             return Bernoulli(), (np.asarray(y) == self.classes_[1]).astype("float32")
@@ -1328,6 +1354,12 @@ class RandomEffectsClassifier(ClassifierMixin, _MixedModelEstimator):
         return Categorical(num_classes=len(self.classes_)), one_hot
 
     def _fit(self, X, y, sample_weight, callbacks):
+        if len(self.classes_) > 2 and self.offset_col is not None:
+            raise ValueError(
+                "`offset_col` is not supported with more than two classes (an offset adds to "
+                f"one predictor, the multinomial model has K - 1); y has {len(self.classes_)} "
+                f"classes. Received: offset_col={self.offset_col!r}"
+            )
         if len(self.classes_) > 2 and self.random_slopes:
             raise ValueError(
                 "`random_slopes` are not supported with more than two classes (the "

@@ -1443,8 +1443,9 @@ class GeneralizedMixedModel:
         beta = np.array(beta, "float64")
         current = self._penalised_deviance(theta, offsets, beta)
         for _ in range(_MAX_PIRLS_STEPS):
-            system = self._working_system(theta, offsets, beta, free_beta)
-            pls = system.solve(theta, 1.0)
+            with np.errstate(over="ignore", invalid="ignore"):  # found below, as None
+                system = self._working_system(theta, offsets, beta, free_beta)
+                pls = system.solve(theta, 1.0)
             if pls is None:  # overflowing weights at an extreme trial point
                 return offsets, beta, np.inf
             new_offsets, new_beta = _coefficients(system, pls, beta, free_beta)
@@ -1458,7 +1459,8 @@ class GeneralizedMixedModel:
             offsets, beta, current = new_offsets, new_beta, value
             if abs(change) <= 1e-12 * (1.0 + abs(current)):
                 break
-        pls = self._working_system(theta, offsets, beta, free_beta).solve(theta, 1.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            pls = self._working_system(theta, offsets, beta, free_beta).solve(theta, 1.0)
         if pls is None:
             return offsets, beta, np.inf
         return offsets, beta, current + pls["log_det_random"]

@@ -24,6 +24,8 @@ is read as lme4 reads it and mapped onto `RandomEffectsRegressor` (families "gau
     (1 | a) + (1 | b)                    crossed factors: group_cols=["a", "b"]
     cbind(s, f) ~ ...  (binomial)        y = s / (s + f), sample_weight = s + f
     p ~ ..., weights="n"                 sample_weight = column n (binomial: the trials)
+    y ~ x + offset(np.log(t)) + ...      offset_col="offset(np.log(t))", a column of X holding
+                                         the expression's value (several offsets: their sum)
     y ~ x  (no random term)              group_cols=[]: a Bayesian GLM
 
 The fixed part (everything but the random-effect terms) is materialised by formulaic:
@@ -39,8 +41,8 @@ What reffects cannot express is an error, not a silent change of model:
   the slope's mean at 0); write `y ~ x + (x | g)`;
 - a factor's intercept in two terms, categorical slopes in
   a term with `||` or without an intercept (lme4 codes them with every level there),
-  offsets, and a fixed part without its intercept (`0 +`, `- 1`: the estimators always
-  fit one) are errors.
+  `offset()` inside another term, and a fixed part without its intercept (`0 +`, `- 1`:
+  the estimators always fit one) are errors.
 
 Formula library: formulaic (`formulaic>=1.2`; written against 1.2.2). Its `ModelSpec`
 remembers the training levels of every categorical variable and the state of stateful
@@ -93,7 +95,14 @@ __all__ = ["LmeFormula", "RandomTerm", "design_frame", "from_formula", "parse_fo
 
 FAMILIES = ("gaussian", "poisson", "binomial", "bernoulli")
 # Set by the formula, so not accepted among `**params`.
-_FORMULA_PARAMS = ("group_cols", "random_slopes", "random_intercept", "correlated_slopes")
+_FORMULA_PARAMS = (
+    "group_cols",
+    "random_slopes",
+    "random_intercept",
+    "correlated_slopes",
+    "offset_col",
+)
+_OFFSET = re.compile(r"\s*offset\s*\((.*)\)\s*", re.DOTALL)
 _NAME = r"(?:[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`)"  # a column name, bare or in backticks
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|[⧛⧚]")
 
@@ -141,6 +150,7 @@ class LmeFormula:
         random_intercept: group column -> whether it has a random intercept (False for a
             factor with `(0 + x | g)` terms alone).
         feature_names: the fixed-effect columns, the intercept left out.
+        offsets: the expressions of the fixed part's `offset(...)` terms (summed).
         model_spec: formulaic's `ModelSpec` of the fixed part on the training data: it holds
             the training levels of each categorical variable.
     """
@@ -156,14 +166,21 @@ class LmeFormula:
     correlated_slopes: bool | dict[str, bool]
     random_intercept: dict[str, bool]
     feature_names: tuple[str, ...]
+    offsets: tuple[str, ...]
     model_spec: ModelSpec = field(repr=False, compare=False)
 
     def __str__(self):
         return self.formula
 
+    @property
+    def offset_column(self) -> str | None:
+        """The name of X's offset column (`offset(...)` as written), or None."""
+        return " + ".join(f"offset({e})" for e in self.offsets) if self.offsets else None
+
     def estimator_params(self) -> dict:
         """`group_cols`, and `random_slopes` and `correlated_slopes` when there are slopes,
-        and `random_intercept` (the factors without one) when a factor has none."""
+        `random_intercept` (the factors without one) when a factor has none, and
+        `offset_col` with an `offset(...)` term."""
         params = {"group_cols": list(self.group_cols)}
         if self.random_slopes:
             params["random_slopes"] = {g: list(s) for g, s in self.random_slopes.items()}
@@ -175,6 +192,8 @@ class LmeFormula:
         without = {g: False for g, has in self.random_intercept.items() if not has}
         if without:
             params["random_intercept"] = without
+        if self.offsets:
+            params["offset_col"] = self.offset_column
         return params
 
 
@@ -273,15 +292,21 @@ def parse_formula(formula: str, data: pd.DataFrame, *, context: int | Mapping = 
         raise ValueError(f"`data` must be a pandas DataFrame. Received: {type(data).__name__}")
     lhs, rhs = _split_tilde(formula)
     cbind = _cbind_arguments(lhs, formula)
-    fixed_chunks, random_terms = [], []
+    fixed_chunks, random_terms, offsets = [], [], []
     for chunk in _top_level_split(rhs, "+", formula):
-        if _find_bars(chunk) is None:
-            fixed_chunks.append(chunk)
-        else:
+        if _find_bars(chunk) is not None:
             random_terms.append(_random_term(chunk, formula, data))
+        elif _OFFSET.fullmatch(chunk) and _balanced(_OFFSET.fullmatch(chunk).group(1)):
+            offsets.append(_OFFSET.fullmatch(chunk).group(1).strip())
+            _evaluate(offsets[-1], data, context, formula, "offset")  # an error names it
+        else:
+            fixed_chunks.append(chunk)
     fixed = " + ".join(fixed_chunks) if fixed_chunks else "1"
     if re.search(r"(?<![\w.])offset\s*\(", fixed):
-        raise ValueError(f"offsets are not supported: the fixed part of {formula!r} has offset()")
+        raise ValueError(
+            f"an offset must be a term of its own in the fixed part, `+ offset(expression)`; "
+            f"the fixed part of {formula!r} has offset() inside another term"
+        )
     design = _materialise(fixed, data, context, formula)
     if "Intercept" not in design.columns:
         raise ValueError(
@@ -313,6 +338,7 @@ def parse_formula(formula: str, data: pd.DataFrame, *, context: int | Mapping = 
         correlated_slopes=correlated,
         random_intercept=random_intercept,
         feature_names=feature_names,
+        offsets=tuple(offsets),
         model_spec=design.model_spec,
     )
 
@@ -378,6 +404,10 @@ def design_frame(fitted, data: pd.DataFrame, *, context: int | Mapping = 0) -> p
     frame = pd.DataFrame(groups, index=data.index)
     for name in spec.feature_names:
         frame[name] = np.asarray(features[name], dtype="float64")
+    if spec.offsets:
+        frame[spec.offset_column] = sum(
+            _evaluate(expr, data, context, spec.formula, "offset") for expr in spec.offsets
+        )
     return frame
 
 
@@ -512,6 +542,16 @@ def _cbind_arguments(lhs, formula):
             f"'cbind(incidence, size - incidence) ~ ...'. Received: {lhs!r}"
         )
     return tuple(arguments)
+
+
+def _balanced(text) -> bool:
+    """Whether every parenthesis in `text` closes one opened before it in `text`."""
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _find_bars(text):

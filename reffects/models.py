@@ -92,6 +92,7 @@ def build_mixed_model(
     correlated_slopes: bool | list = True,
     slope_shifts: list | None = None,
     random_intercepts: list | None = None,
+    offset: bool = False,
 ) -> ELBOModel:
     """An `ELBOModel` with a global intercept, one `RandomIntercept` (or `RandomEffects`)
     per grouping factor, linear fixed effects and an optional dense subnetwork.
@@ -114,7 +115,8 @@ def build_mixed_model(
     `Dropout` after each hidden layer. `l2_regularization` = lambda adds
     `0.5 * lambda * sum(W**2) / num_examples` over the subnetwork's kernels W to the loss:
     the negative log density of a Normal(0, lambda**-0.5) prior on each weight, divided by N
-    as the KL is (so it needs `num_examples`).
+    as the KL is (so it needs `num_examples`). With `offset`, a last float input `offset`
+    (`(batch,)`, lme4's `offset()`) is added to the predictor with coefficient 1.
 
     The predictor has as many columns as the likelihood takes (`predictor_units`: K - 1 for
     `Categorical(num_classes=K)`, else 1), and so has every layer's output (`units`);
@@ -172,6 +174,13 @@ def build_mixed_model(
     if num_features:
         features = keras.Input(shape=(num_features,), name="features")
         inputs.insert(0, features)
+    if offset:
+        if units > 1:
+            raise ValueError(
+                f"An offset takes a one-column predictor; the {type(likelihood).__name__} "
+                f"likelihood takes {units} columns"
+            )
+        inputs.append(keras.Input(shape=(), name="offset"))
     terms = [
         GlobalIntercept(
             units=units,
@@ -236,6 +245,8 @@ def build_mixed_model(
                     num_outputs=units,
                 )
             )
+    if offset:  # added with coefficient 1
+        terms.append(keras.layers.Reshape((1,), name="offset_term")(inputs[-1]))
     eta = terms[0] if len(terms) == 1 else keras.layers.Add(name="predictor")(terms)
     network = keras.Model(inputs, eta, name="mixed_model")
     return ELBOModel(network, likelihood=likelihood, num_examples=num_examples)

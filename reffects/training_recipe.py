@@ -119,7 +119,8 @@ def build_starting_model(likelihood, data, model_y, weights, *, random_slopes, *
     """`build_mixed_model` at the estimators' starting values.
 
     The intercept starts at the link of y's (weighted) mean (with K classes, the log odds
-    of each class's share against class 0's), each group's offset scale at 0.5 and, for a
+    of each class's share against class 0's) less the mean of `data.offset` if any, each
+    group's offset scale at 0.5 and, for a
     random intercept, each group's posterior sd (per class) at its Laplace value at that
     start. `data` is the `EncodedData` of the training rows, `model_y` and `weights`
     their y on the model's scale and their sample weights (or None); `model_options` are
@@ -136,10 +137,14 @@ def build_starting_model(likelihood, data, model_y, weights, *, random_slopes, *
         3
     """
     initial_mean, row_information = _initial_mean(likelihood, model_y, weights)
+    intercept = keras.ops.convert_to_numpy(likelihood.link(initial_mean))
+    if data.offset is not None and not isinstance(likelihood, Gaussian):
+        # y's mean is reached at the mean offset (a Gaussian's y is centred less its offset)
+        intercept = intercept - np.average(data.offset, weights=weights)
     model = build_mixed_model(
         num_features=data.features.shape[1],
         likelihood=likelihood,
-        intercept_init=keras.ops.convert_to_numpy(likelihood.link(initial_mean)),
+        intercept_init=intercept,
         initial_group_scale=_INITIAL_GROUP_SCALE,
         num_examples=len(model_y),
         random_slopes=random_slopes,
