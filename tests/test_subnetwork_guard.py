@@ -160,7 +160,9 @@ def test_choose_subnetwork_weight_keeps_the_better_model_and_blends_two_finishes
         build_mixed_model(1, [2], hidden_units=(8,), num_examples=200, seed=seed) for seed in (0, 1)
     ]
     kernels = [m.network.get_layer("subnetwork_output").kernel for m in models]
-    kernels[1].assign(0.01 * kernels[1])  # f nearly 0: the better fit of y = 0
+    kernel = np.random.default_rng(0).normal(size=(8, 1)).astype("float32")  # "trained" f
+    kernels[0].assign(kernel)
+    kernels[1].assign(0.01 * kernel)  # f nearly 0: the better fit of y = 0
     trained = [keras.ops.convert_to_numpy(k).copy() for k in kernels]
     seen = []
     validation = (data.model_inputs(), np.zeros(200), None)
