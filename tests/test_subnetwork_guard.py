@@ -191,3 +191,16 @@ def test_choose_subnetwork_weight_keeps_the_better_model_and_blends_two_finishes
     )
     assert (index, weight, list(scores)) == (0, 0.0, [0.0]) and "singular" in str(failure)
     assert calls[0] > 0 and calls[1] == calls[2] == 0.0  # with f, then without it twice
+
+
+def test_a_subnetwork_starts_at_zero_output():
+    # the model starts as the mixed model: with a log link a random output layer started
+    # a Poisson fit at rates up to exp(18)
+    from reffects.encoding import EncodedData
+    from reffects.models import build_mixed_model
+    from reffects.training_recipe import subnetwork_output
+
+    x = np.random.default_rng(0).normal(size=(500, 3)).astype("float32") * 3.0
+    data = EncodedData(x, [np.zeros(500, "int64")])
+    model = build_mixed_model(3, [2], likelihood="poisson", hidden_units=(16, 8), seed=0)
+    np.testing.assert_array_equal(subnetwork_output(model, data.model_inputs()), 0.0)
