@@ -24,9 +24,9 @@ For the lme4 user: `summary` is `summary()`, `group_effects` is `ranef()` and
 A `RandomEffectsClassifier` of K > 2 classes (a multinomial model: the Laplace finish of
 `reffects.multinomial_finish`, with a subnetwork's output held fixed, or SGD alone with a
 `scale_prior` or past the finish's size limit) is read by
-`summary`, `fixed_effects` and `variance_components` only, with one row per class and term
-(the class's log odds against `classes_[0]`) and marginal sds; the other readers take
-units=1 models.
+`summary`, `fixed_effects` and `variance_components`, with one row per class and term
+(the class's log odds against `classes_[0]`) and marginal sds, and by `group_effects`
+(`term=` a class); the other readers take units=1 models.
 """
 
 import math
@@ -536,7 +536,9 @@ def group_effects(
         level: probability mass of the central interval.
         term: the term of a factor with random slopes: `"(Intercept)"` or a slope column
             (`"slope_0"`, ... or the layer's `term_names` for a Keras model); None: the
-            first term (the intercept).
+            first term (the intercept). For a classifier of K > 2 classes, a class after
+            `classes_[0]` (its offsets on the log odds against `classes_[0]`); None: the
+            first of them. Its tables take no X and y.
 
     Returns:
         A DataFrame indexed by level (group id for a Keras model) with columns `mean`, `sd`,
@@ -554,6 +556,8 @@ def group_effects(
         >>> table["n"].tolist(), table["raw_mean"].tolist()
         ([2, 1, 0], [2.0, -1.0, nan])
     """
+    if _is_multinomial(obj):
+        return _multinomial_group_effects(obj, factor, X, y, level, term)
     fit = _Fit(obj)
     key = fit.factor(factor)
     j = fit.term_index(key, term)
@@ -837,6 +841,8 @@ def factors(obj) -> list:
         >>> factors(build_mixed_model(num_features=1, num_groups=[3, 4]))
         ['random_intercept_0', 'random_intercept_1']
     """
+    if _is_multinomial(obj):
+        return list(obj.random_effects_)
     return list(_Fit(obj).factors)
 
 
@@ -1154,6 +1160,34 @@ def _multinomial_variance_components(estimator, level) -> pd.DataFrame:
     frame.index = pd.MultiIndex.from_tuples(index, names=["factor", "class"])
     frame.insert(1, "variance", np.square(frame["sd"]))
     return frame
+
+
+def _multinomial_group_effects(estimator, factor, X, y, level, term) -> pd.DataFrame:
+    """`group_effects` of a multinomial classifier: one class's offsets (`term`, a class
+    after `classes_[0]`; None: the first), each group's log odds against `classes_[0]`."""
+    keys = list(estimator.random_effects_)
+    if factor is None and len(keys) != 1 or factor is not None and factor not in keys:
+        raise ValueError(
+            f"`factor` must be one of the grouping factors {keys}. Received: factor={factor!r}"
+        )
+    key = keys[0] if factor is None else factor
+    others = estimator.classes_[1:].tolist()
+    label = others[0] if term is None else term
+    if label not in others:
+        raise ValueError(
+            f"`term` must be one of the classes {others} (a class's offsets on its log odds "
+            f"against {estimator.classes_[0].item()!r}) or None. Received: term={term!r}"
+        )
+    if X is not None or y is not None:
+        raise ValueError(
+            "group statistics from X and y (`raw_mean`, `unpooled`) are defined for one "
+            "predictor; a multinomial model has one per class: leave out X and y"
+        )
+    table = estimator.random_effects_[key]
+    summary = normal_summary(table[f"mean_{label}"], table[f"sd_{label}"], level)
+    frame = pd.DataFrame(summary, index=table.index)
+    frame["n"] = table["n"]
+    return frame[["mean", "sd", "lower", "upper", "n"]]
 
 
 def _multinomial_summary(estimator, X, y, level) -> Summary:

@@ -107,6 +107,8 @@ def group_effects(obj, factor=None, level: float = 0.95, ax=None, *, term=None):
         level: probability mass of the intervals.
         ax: the matplotlib Axes to draw on.
         term: the term of a factor with random slopes; None: the first (the intercept).
+            For a classifier of K > 2 classes, a class after `classes_[0]` (None: the
+            first of them).
 
     Returns:
         The Axes, holding one collection (the intervals) and two lines (the means, zero).
@@ -136,6 +138,9 @@ def group_effects(obj, factor=None, level: float = 0.95, ax=None, *, term=None):
     ax.set_ylabel(f"{key} (ordered by posterior mean)")
     is_slope = term is not None and str(term) != inspection.INTERCEPT
     what = f"offset of the slope of {term}" if is_slope else "group offset"
+    if len(getattr(obj, "classes_", ())) > 2:  # a class's log odds against the first
+        label = obj.classes_[1] if term is None else term
+        is_slope, what = False, f"offset of the log odds of {label} vs {obj.classes_[0]}"
     ax.set_xlabel(f"{what}, posterior mean and {_percent(level)} interval")
     title = f"{key}, {term}" if is_slope else str(key)
     ax.set_title(f"Group effects: {title} ({len(table)} groups)")

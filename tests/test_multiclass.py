@@ -530,6 +530,35 @@ def test_summary_reads_each_class(fitted):
         inspection.summary(clf, y=[1])
 
 
+def test_group_effects_read_each_class_and_plot(fitted):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reffects import plotting
+
+    clf, _, _ = fitted
+    assert inspection.factors(clf) == ["clinic"]
+    table = clf.random_effects_["clinic"]
+    severe = inspection.group_effects(clf, term="severe", level=0.9)
+    np.testing.assert_array_equal(severe["mean"], table["mean_severe"])
+    np.testing.assert_array_equal(severe["n"], table["n"])
+    half_width = 1.6448536269514722 * table["sd_severe"].to_numpy()  # the 90% Normal interval
+    np.testing.assert_allclose(severe["upper"] - severe["mean"], half_width, rtol=1e-12)
+    first = inspection.group_effects(clf, "clinic")  # None: the first class after the reference
+    np.testing.assert_array_equal(first["mean"], table["mean_none"])
+    with pytest.raises(ValueError, match="one of the classes \\['none', 'severe'\\]"):
+        inspection.group_effects(clf, term="mild")
+    with pytest.raises(ValueError, match="leave out X and y"):
+        inspection.group_effects(clf, X=[0], y=[0])
+    with pytest.raises(ValueError, match="one of the grouping factors \\['clinic'\\]"):
+        inspection.group_effects(clf, "ward")
+    ax = plotting.group_effects(clf, term="severe", ax=plt.figure().gca())
+    assert "log odds of severe vs mild" in ax.get_xlabel()
+    plt.close(ax.figure)
+
+
 def test_pickle_round_trip_predicts_the_same(fitted):
     clf, X, _ = fitted
     revived = pickle.loads(pickle.dumps(clf))
