@@ -583,22 +583,28 @@ def _check_group_keys(name, mapping, cols):
         )
 
 
-def _random_intercepts(random_intercept, cols, slopes) -> list:
-    """Per grouping factor, whether it has a random intercept (`random_intercept` is a
-    bool for every factor or a dict group column -> bool, True where a factor is left out);
-    a factor without one must have random slopes."""
-    flags = random_intercept
+def _flags_per_factor(name, value, cols, example) -> list:
+    """Per grouping factor in `cols`, the bool the parameter `name` gives it: `value` is a
+    bool for every factor or a dict group column -> bool (True where a factor is left
+    out); anything else is an error showing `example`."""
+    flags = value
     if isinstance(flags, (bool, np.bool_)):
         flags = {col: flags for col in cols}
     if not isinstance(flags, dict) or not all(
         isinstance(flag, (bool, np.bool_)) for flag in flags.values()
     ):
         raise ValueError(
-            "`random_intercept` must be True, False or a dict mapping group columns to True "
-            f"or False, e.g. {{'Subject': False}}. Received: random_intercept={random_intercept!r}"
+            f"`{name}` must be True, False or a dict mapping group columns to True or False, "
+            f"e.g. {example}. Received: {name}={value!r}"
         )
-    _check_group_keys("random_intercept", flags, cols)
-    result = [bool(flags.get(col, True)) for col in cols]
+    _check_group_keys(name, flags, cols)
+    return [bool(flags.get(col, True)) for col in cols]
+
+
+def _random_intercepts(random_intercept, cols, slopes) -> list:
+    """Per grouping factor, whether it has a random intercept; a factor without one must
+    have random slopes."""
+    result = _flags_per_factor("random_intercept", random_intercept, cols, "{'Subject': False}")
     for col, intercept, positions in zip(cols, result, slopes):
         if not intercept and not positions:
             raise ValueError(
@@ -610,22 +616,9 @@ def _random_intercepts(random_intercept, cols, slopes) -> list:
 
 
 def _correlation_flags(correlated_slopes, cols) -> list:
-    """Per grouping factor in `cols`, whether its terms are correlated: `correlated_slopes`
-    is a bool for every factor or a dict group column -> bool (True where a factor is left
-    out)."""
-    flags = correlated_slopes
-    if isinstance(flags, (bool, np.bool_)):
-        flags = {col: flags for col in cols}
-    if not isinstance(flags, dict) or not all(
-        isinstance(flag, (bool, np.bool_)) for flag in flags.values()
-    ):
-        raise ValueError(
-            "`correlated_slopes` must be True, False or a dict mapping group columns to True "
-            f"or False, e.g. {{'Subject': True, 'Item': False}}. "
-            f"Received: correlated_slopes={correlated_slopes!r}"
-        )
-    _check_group_keys("correlated_slopes", flags, cols)
-    return [bool(flags.get(col, True)) for col in cols]
+    """Per grouping factor in `cols`, whether its terms are correlated."""
+    example = "{'Subject': True, 'Item': False}"
+    return _flags_per_factor("correlated_slopes", correlated_slopes, cols, example)
 
 
 def _is_positive_int(value) -> bool:
