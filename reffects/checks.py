@@ -549,7 +549,11 @@ def _offset(frame, offset_col, group_positions):
     if position in group_positions:
         raise ValueError(f"offset column {offset_col!r} is a group column")
     column = frame.iloc[:, position]
-    if is_categorical(offset_col, column):
+    try:
+        categorical = is_categorical(offset_col, column)
+    except TypeError:  # neither numbers nor labels (dates, ...)
+        categorical = True
+    if categorical:
         raise ValueError(
             f"offset column {offset_col!r} must be numeric (the offset on the link scale, "
             f"e.g. log exposure for a Poisson rate). Received dtype {column.dtype}"

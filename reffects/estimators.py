@@ -300,9 +300,9 @@ class _MixedModelEstimator(BaseEstimator):
             group_codes(col, levels, values, warn_unseen=not reset)
             for col, levels, values in zip(cols, self._levels, groups)
         ]
-        offset = columns.offset  # at fit, `_fit` scales it with y (`_model_target`)
+        offset = columns.offset  # at fit, `_fit` puts it on the model's scale
         if offset is not None and not reset:
-            offset = offset / self._y_scale
+            offset = (offset - self._offset_centre) / self._y_scale
         return EncodedData(float32_features, codes, latent, offset)
 
     def _missing_value_model(self, features, sample_weight):
@@ -354,7 +354,8 @@ class _MixedModelEstimator(BaseEstimator):
         def subnetwork(features):
             features = features.astype("float32")
             features[:, indicators] = observed
-            inputs = EncodedData(features, [c.repeat(len(features)) for c in codes])
+            offset = None if self.offset_col is None else np.zeros(len(features))  # unread
+            inputs = EncodedData(features, [c.repeat(len(features)) for c in codes], None, offset)
             return subnetwork_output(self.model_, inputs.model_inputs(), head)
 
         return subnetwork
@@ -419,9 +420,13 @@ class _MixedModelEstimator(BaseEstimator):
         self._seed = check_params(self)  # the fit's one seed, from random_state
         every_weight = check_sample_weight(sample_weight, len(X))
         every = self._encode(X, reset=True, sample_weight=every_weight)
+        # The model's offset is centred (the intercept takes its mean) and scaled as y is.
+        self._offset_centre = 0.0
+        if every.offset is not None:
+            self._offset_centre = float(np.average(every.offset, weights=every_weight))
         likelihood, every_y = self._model_target(y, every_weight, every.offset)
-        if every.offset is not None:  # on the model's scale, as y
-            every.offset = every.offset / self._y_scale
+        if every.offset is not None:
+            every.offset = (every.offset - self._offset_centre) / self._y_scale
         subnetwork = bool(self.hidden_units) and every.features.shape[1] > 0
         if subnetwork and self.subnetwork_cols is None:
             coding = self._feature_coding
@@ -716,7 +721,8 @@ class _MixedModelEstimator(BaseEstimator):
 
         A `reffects.encoding.DataScale` `(shift, matrix, response_scale)`: the fit's
         `coef_`, `intercept_` and every other estimate come through it, and
-        `reffects.inspection` maps posterior sds and draws with it too.
+        `reffects.inspection` maps posterior sds and draws with it too. With `offset_col`,
+        a "gaussian" `response_scale` is the sd of y less the offset.
 
         Example:
             >>> rng = np.random.default_rng(0)
@@ -729,8 +735,12 @@ class _MixedModelEstimator(BaseEstimator):
             (True, (2, 2))
         """
         check_is_fitted(self, "model_")
+        # `_y_mean` shifts predictions; the model's intercept also holds the offset's mean
         return DataScale.from_standardisation(
-            self._y_mean, self._y_scale, self._feature_mean, self._feature_scale
+            self._y_mean - self._offset_centre,
+            self._y_scale,
+            self._feature_mean,
+            self._feature_scale,
         )
 
     def term_scale(self, group_col) -> np.ndarray:
@@ -999,8 +1009,8 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
         return self._fit_checked(X, _target_vector(self, y, X), sample_weight, callbacks)
 
     def _model_target(self, y, weights, offset=None):
-        """The likelihood and y on the model's scale (standardised for "gaussian", by the
-        mean and sd of y less the `offset`)."""
+        """The likelihood and y on the model's scale: for "gaussian", y less `offset`
+        standardised, plus the offset less its mean (`_offset_centre`) over the same sd."""
         try:
             target = np.asarray(y, dtype="float64")
         except (ValueError, TypeError):
@@ -1017,9 +1027,10 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
             if offset is not None:
                 standardised[:, 0] -= offset
             mean, scale = standardise(standardised, ["y"], "target", weights)
-            self._y_mean, self._y_scale = float(mean[0]), float(scale[0])
+            self._y_mean = float(mean[0]) + self._offset_centre
+            self._y_scale = float(scale[0])
             if offset is not None:
-                standardised[:, 0] += offset / self._y_scale
+                standardised[:, 0] += (offset - self._offset_centre) / self._y_scale
             return likelihood, standardised[:, 0].astype("float32")
         likelihood = get_likelihood(self.family)
         target = likelihood.check_targets(target, weights)

@@ -222,8 +222,8 @@ def from_formula(
             mapping, or the frame depth above the caller (0: the caller's variables, as in
             formulaic). `np` is always available.
         **params: any other parameter of the estimator (`random_state`, `hidden_units`,
-            `reml`, ...). `group_cols`, `random_slopes`, `random_intercept` and
-            `correlated_slopes` come from the formula.
+            `reml`, ...). `group_cols`, `random_slopes`, `random_intercept`,
+            `correlated_slopes` and `offset_col` come from the formula.
 
     Returns:
         The fitted estimator, with `formula_` (the `LmeFormula`) set:
@@ -244,7 +244,8 @@ def from_formula(
     if fixed_by_formula:
         raise ValueError(
             f"{', '.join(f'`{n}`' for n in fixed_by_formula)} come from the formula; "
-            f"do not pass them to from_formula. Received: {fixed_by_formula}"
+            f"do not pass them to from_formula (an offset is a term `+ offset(expr)`). "
+            f"Received: {fixed_by_formula}"
         )
     spec = parse_formula(formula, data, context=context)
     if spec.cbind is not None and family != "binomial":
@@ -321,6 +322,13 @@ def parse_formula(formula: str, data: pd.DataFrame, *, context: int | Mapping = 
         random_terms, columns_of_term, formula
     )
     clash = sorted(set(group_cols) & set(feature_names))
+    # lme4's g.1 of a split factor: one data column of another name
+    split = [n for n in clash if len(group_factors[n]) == 1 and group_factors[n] != (n,)]
+    if split:
+        raise ValueError(
+            f"{split} in {formula!r} is a fixed-effect column and also lme4's name for a "
+            "further term on a grouping factor; rename that column"
+        )
     if clash:
         raise ValueError(
             f"{clash} in {formula!r} is both a grouping factor and a fixed-effect column; a "

@@ -1176,7 +1176,7 @@ def _multinomial_group_effects(estimator, factor, X, y, level, term) -> pd.DataF
     if label not in others:
         raise ValueError(
             f"`term` must be one of the classes {others} (a class's offsets on its log odds "
-            f"against {estimator.classes_[0].item()!r}) or None. Received: term={term!r}"
+            f"against {estimator.classes_.tolist()[0]!r}) or None. Received: term={term!r}"
         )
     if X is not None or y is not None:
         raise ValueError(

@@ -255,7 +255,7 @@ def build_mixed_model(
 def _subnetwork(features, hidden_units, columns, dropout, regularizer, next_seed, num_outputs=1):
     """f(x): ReLU layers on the chosen feature columns, then `num_outputs` outputs without a
     bias, whose kernel starts at zero: the model starts as the mixed model at its starting
-    values, and the hidden layers get gradients from the first step on.
+    values (the output kernel moves at the first step, the hidden layers from the second).
 
     A random output kernel (Glorot) started a Poisson fit of a sine (3,000 rows, 16 units)
     at rates up to exp(18), a mean NLL of 98,747 per row, from which SGD did not recover in

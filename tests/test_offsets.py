@@ -175,3 +175,42 @@ def test_an_offset_with_three_classes_is_an_error():
         RandomEffectsClassifier(group_cols=["g"], offset_col="log_t").fit(
             data[["g", "x", "log_t"]], y
         )
+
+
+def test_a_large_gaussian_offset_keeps_float32_precision():
+    # the model sees the offset less its mean: 1e7 + a known part, unit noise
+    data = _exposures(n=1500)
+    rng = np.random.default_rng(7)
+    codes = data["g"].str[1:].astype(int).to_numpy()
+    data["known"] = 1e7 + 3.0 * data["log_t"]
+    b = rng.normal(size=60) * 0.5
+    data["z"] = data["known"] + 0.5 * data["x"] + b[codes] + rng.normal(size=len(data))
+    est = RandomEffectsRegressor(group_cols=["g"], offset_col="known")
+    est.fit(data[["g", "x", "known"]], data["z"])
+    data["less_known"] = data["z"] - data["known"]  # exact in float64
+    fit = mixedlm.lmer("less_known ~ x + (1 | g)", data, REML=True)
+    fixed, sd, _ = _oracle_values(fit)
+    assert np.r_[est.intercept_, est.coef_] == pytest.approx(fixed, rel=RELATIVE, abs=1e-4)
+    assert est.variance_components_["g"] == pytest.approx(sd, rel=RELATIVE)
+    residual = data["z"] - est.predict(data[["g", "x", "known"]])
+    assert float(np.std(residual)) == pytest.approx(
+        float(np.std(data["z"] - fit.fitted() - data["known"])), rel=1e-3
+    )
+
+
+def test_missing_inputs_with_an_offset_and_a_subnetwork():
+    # the missing values' draws run the subnetwork alone; the offset still counts once
+    data = _exposures(n=1500)
+    X = data[["g", "x", "log_t"]].copy()
+    X.loc[np.random.default_rng(8).random(len(X)) < 0.1, "x"] = np.nan
+    est = RandomEffectsRegressor(
+        group_cols=["g"], family="poisson", offset_col="log_t", hidden_units=(4,),
+        epochs=3, random_state=0,
+    ).fit(X, data["y"])  # fmt: skip
+    lower, upper = est.predict_interval(X.iloc[:300], num_samples=200)
+    mean = est.predict(X.iloc[:300])
+    assert np.all(lower <= upper) and np.all(np.isfinite(upper))
+    doubled = X.iloc[:300].assign(log_t=lambda f: f["log_t"] + np.log(2.0))
+    np.testing.assert_allclose(est.predict(doubled), 2.0 * mean, rtol=1e-5)
+    covered = (data["y"].iloc[:300] >= lower) & (data["y"].iloc[:300] <= upper)
+    assert covered.mean() > 0.8  # 90% intervals of a model close to the truth
