@@ -34,6 +34,7 @@ from problems import dummies_and_continuous  # noqa: E402
 from results import append, markdown  # noqa: E402
 
 import reffects.estimators  # noqa: E402
+import reffects.training_recipe  # noqa: E402
 from reffects import RandomEffectsRegressor  # noqa: E402
 
 HIDDEN = (64, 32)
@@ -42,13 +43,17 @@ LINEAR = "linear mixed model (defaults)"
 
 @contextlib.contextmanager
 def weight_forced_to_one():
-    """The estimator's guard with 1 as its only candidate weight."""
+    """The estimator's guard with 1 as its only candidate weight, kept whatever its gain
+    over w = 0 (the two-standard-error rule, `_clearly_better`, switched off)."""
     chooser = reffects.estimators.choose_subnetwork_weight
+    clearly_better = reffects.training_recipe._clearly_better
     reffects.estimators.choose_subnetwork_weight = functools.partial(chooser, candidates=(1.0,))
+    reffects.training_recipe._clearly_better = lambda *args: True
     try:
         yield
     finally:
         reffects.estimators.choose_subnetwork_weight = chooser
+        reffects.training_recipe._clearly_better = clearly_better
 
 
 def methods(columns, epochs=None):
