@@ -302,8 +302,13 @@ class _MixedModelEstimator(BaseEstimator):
         ]
         offset = columns.offset  # at fit, `_fit` puts it on the model's scale
         if offset is not None and not reset:
-            offset = (offset - self._offset_centre) / self._y_scale
+            offset = self._model_offset(offset)
         return EncodedData(float32_features, codes, latent, offset)
+
+    def _model_offset(self, offset):
+        """The offset on the model's scale: less its mean in fit (the intercept holds that),
+        over y's scale."""
+        return (offset - self._offset_centre) / self._y_scale
 
     def _missing_value_model(self, features, sample_weight):
         """The joint Normal of the model's columns (`GaussianImputer`) whose conditional
@@ -426,7 +431,7 @@ class _MixedModelEstimator(BaseEstimator):
             self._offset_centre = float(np.average(every.offset, weights=every_weight))
         likelihood, every_y = self._model_target(y, every_weight, every.offset)
         if every.offset is not None:
-            every.offset = (every.offset - self._offset_centre) / self._y_scale
+            every.offset = self._model_offset(every.offset)
         subnetwork = bool(self.hidden_units) and every.features.shape[1] > 0
         if subnetwork and self.subnetwork_cols is None:
             coding = self._feature_coding
