@@ -297,8 +297,8 @@ def parse_formula(formula: str, data: pd.DataFrame, *, context: int | Mapping = 
     for chunk in _top_level_split(rhs, "+", formula):
         if _find_bars(chunk) is not None:
             random_terms.append(_random_term(chunk, formula, data))
-        elif _OFFSET.fullmatch(chunk) and _balanced(_OFFSET.fullmatch(chunk).group(1)):
-            offsets.append(_OFFSET.fullmatch(chunk).group(1).strip())
+        elif (offset := _OFFSET.fullmatch(chunk)) and _balanced(offset.group(1)):
+            offsets.append(offset.group(1).strip())
             _evaluate(offsets[-1], data, context, formula, "offset")  # an error names it
         else:
             fixed_chunks.append(chunk)
