@@ -354,14 +354,11 @@ class _MixedModelEstimator(BaseEstimator):
         indicators = self._feature_coding.indicators
         observed = -self._feature_mean[indicators] / self._feature_scale[indicators]
         head = subnetwork_head(self.model_)
-        codes = [np.zeros(1, "int64") for _ in self._levels]
 
         def subnetwork(features):
             features = features.astype("float32")
             features[:, indicators] = observed
-            offset = None if self.offset_col is None else np.zeros(len(features))  # unread
-            inputs = EncodedData(features, [c.repeat(len(features)) for c in codes], None, offset)
-            return subnetwork_output(self.model_, inputs.model_inputs(), head)
+            return subnetwork_output(self.model_, features, head)
 
         return subnetwork
 
@@ -1177,7 +1174,7 @@ class RandomEffectsRegressor(RegressorMixin, _MixedModelEstimator):
 def _held(model, data, subnetwork) -> np.ndarray | float:
     """What the finish holds fixed in the predictor: the subnetwork's output (with
     `subnetwork`) plus the offset, on the model's scale; 0.0 when neither."""
-    held = subnetwork_output(model, data.model_inputs()) if subnetwork else 0.0
+    held = subnetwork_output(model, data.features) if subnetwork else 0.0
     return held if data.offset is None else held + data.offset.astype("float64")
 
 

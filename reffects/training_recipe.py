@@ -249,17 +249,20 @@ def subnetwork_columns(features, columns=None, categorical=None) -> list | None:
 
 
 def subnetwork_head(model):
-    """A Keras model of the network's inputs giving its layer `subnetwork_output`: the
-    subnetwork (sharing its weights) on the `build_mixed_model` network's inputs."""
+    """A Keras model of the `features` input giving the layer `subnetwork_output`: the
+    subnetwork of a `build_mixed_model` network (sharing its weights), which reads the
+    features alone (not the group ids or an offset)."""
     network = model.network
-    return keras.Model(network.inputs, network.get_layer("subnetwork_output").output)
+    (features,) = [tensor for tensor in network.inputs if tensor.name == "features"]
+    return keras.Model(features, network.get_layer("subnetwork_output").output)
 
 
-def subnetwork_output(model, inputs, head=None) -> np.ndarray:
-    """The output of the layer `subnetwork_output` of a `build_mixed_model` network at the
-    posterior means (no dropout), as float64 of shape (n,), or (n, K - 1) with K classes;
-    `head`: `subnetwork_head(model)` if already built."""
-    output = predict_means(subnetwork_head(model) if head is None else head, inputs)
+def subnetwork_output(model, features, head=None) -> np.ndarray:
+    """The output of the layer `subnetwork_output` of a `build_mixed_model` network at
+    `features` (`(n, num_features)`), at the posterior means (no dropout), as float64 of
+    shape (n,), or (n, K - 1) with K classes; `head`: `subnetwork_head(model)` if already
+    built."""
+    output = predict_means(subnetwork_head(model) if head is None else head, features)
     units = model.likelihood.predictor_units
     return output if units == 1 else output.reshape(-1, units)
 

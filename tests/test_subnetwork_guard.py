@@ -203,4 +203,4 @@ def test_a_subnetwork_starts_at_zero_output():
     x = np.random.default_rng(0).normal(size=(500, 3)).astype("float32") * 3.0
     data = EncodedData(x, [np.zeros(500, "int64")])
     model = build_mixed_model(3, [2], likelihood="poisson", hidden_units=(16, 8), seed=0)
-    np.testing.assert_array_equal(subnetwork_output(model, data.model_inputs()), 0.0)
+    np.testing.assert_array_equal(subnetwork_output(model, data.features), 0.0)
