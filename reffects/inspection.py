@@ -355,7 +355,7 @@ def fixed_effects(obj, level: float = 0.95) -> pd.DataFrame:
         >>> list(table.index), list(table.columns)
         (['(Intercept)', 'x0', 'x1'], ['mean', 'sd', 'lower', 'upper'])
     """
-    if _is_multinomial(obj):
+    if is_multinomial(obj):
         return _multinomial_fixed_effects(obj, level)
     fit = _Fit(obj)
     loc, _ = fit.linear_posterior()
@@ -397,7 +397,7 @@ def variance_components(obj, level: float = 0.95) -> pd.DataFrame:
         >>> variance_components(slopes).index.tolist()
         [('random_effects_0', '(Intercept)'), ('random_effects_0', 'slope_0'), ('Residual', '')]
     """
-    if _is_multinomial(obj):
+    if is_multinomial(obj):
         return _multinomial_variance_components(obj, level)
     fit = _Fit(obj)
     z = _z(level)
@@ -556,7 +556,7 @@ def group_effects(
         >>> table["n"].tolist(), table["raw_mean"].tolist()
         ([2, 1, 0], [2.0, -1.0, nan])
     """
-    if _is_multinomial(obj):
+    if is_multinomial(obj):
         return _multinomial_group_effects(obj, factor, X, y, level, term)
     fit = _Fit(obj)
     key = fit.factor(factor)
@@ -841,7 +841,7 @@ def factors(obj) -> list:
         >>> factors(build_mixed_model(num_features=1, num_groups=[3, 4]))
         ['random_intercept_0', 'random_intercept_1']
     """
-    if _is_multinomial(obj):
+    if is_multinomial(obj):
         return list(obj.random_effects_)
     return list(_Fit(obj).factors)
 
@@ -1013,7 +1013,7 @@ def summary(obj, X=None, y=None, level: float = 0.95) -> Summary:
         (Intercept)    0.0000   0.0100 -0.0196  0.0196
         x0             0.0000   0.0100 -0.0196  0.0196
     """
-    if _is_multinomial(obj):
+    if is_multinomial(obj):
         return _multinomial_summary(obj, X, y, level)
     fit = _Fit(obj)
     excluded = {
@@ -1085,7 +1085,7 @@ def _fit_method(obj) -> str:
     empty. A multinomial fit (K > 2 classes) keeps no `joint_posterior_`; it records whether
     its Laplace finish ran (with or without a subnetwork's output held)."""
     sgd = bool(getattr(obj, "history_", None))
-    if _is_multinomial(obj) and getattr(obj, "_multinomial_finished", False):
+    if is_multinomial(obj) and getattr(obj, "_multinomial_finished", False):
         laplace = "a Laplace approximation with beta at its joint mode (glmer's nAGQ = 0)"
         return f"SGD on the ELBO, then {laplace}" if sgd else f"{laplace}, no SGD"
     joint = getattr(obj, "joint_posterior_", None)
@@ -1106,8 +1106,15 @@ def _fit_method(obj) -> str:
     return "SGD on the ELBO, then glmer's Laplace finish (joint posterior)"
 
 
-def _is_multinomial(obj) -> bool:
-    """Whether `obj` is a fitted `RandomEffectsClassifier` of more than two classes."""
+def is_multinomial(obj) -> bool:
+    """Whether `obj` is a fitted `RandomEffectsClassifier` of more than two classes (whose
+    offsets and fixed effects come one set per class after `classes_[0]`).
+
+    Example:
+        >>> from reffects import RandomEffectsClassifier
+        >>> is_multinomial(RandomEffectsClassifier(group_cols=["g"]))  # not fitted
+        False
+    """
     return _is_estimator(obj) and hasattr(obj, "model_") and len(getattr(obj, "classes_", ())) > 2
 
 

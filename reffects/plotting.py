@@ -138,7 +138,7 @@ def group_effects(obj, factor=None, level: float = 0.95, ax=None, *, term=None):
     ax.set_ylabel(f"{key} (ordered by posterior mean)")
     is_slope = term is not None and str(term) != inspection.INTERCEPT
     what = f"offset of the slope of {term}" if is_slope else "group offset"
-    if len(getattr(obj, "classes_", ())) > 2:  # a class's log odds against the first
+    if inspection.is_multinomial(obj):  # a class's log odds against the first
         label = obj.classes_[1] if term is None else term
         is_slope, what = False, f"offset of the log odds of {label} vs {obj.classes_[0]}"
     ax.set_xlabel(f"{what}, posterior mean and {_percent(level)} interval")
