@@ -14,7 +14,9 @@ Variants:
 - `longer`: one schedule, batches of 1,024 for 116 epochs (6,380 steps on fold 1, against
   the default's 73 epochs, 4,015 steps), the same learning rate's cosine decay;
 - `every-column`: one schedule, batches of 1,024 for 58 epochs, with `subnetwork_cols` =
-  all 160 features (the word counts too).
+  all 160 features (the word counts too);
+- `every-column-dropout`, `every-column-l2`: the same with `dropout=0.3`, or with
+  `l2_regularization=100` (a Normal(0, 0.1) prior on each weight of the subnetwork).
 
 Each prints one line (MSE, `subnetwork_weight_`, the guard's best validation NLL, seconds);
 nothing is appended to RESULTS.md.
@@ -51,6 +53,18 @@ def variant_params(name, X_fit):
         "defaults": {},
         "longer": {"batch_size": 1024, "epochs": 116},
         "every-column": {"batch_size": 1024, "epochs": 58, "subnetwork_cols": features},
+        "every-column-dropout": {
+            "batch_size": 1024,
+            "epochs": 58,
+            "subnetwork_cols": features,
+            "dropout": 0.3,
+        },
+        "every-column-l2": {
+            "batch_size": 1024,
+            "epochs": 58,
+            "subnetwork_cols": features,
+            "l2_regularization": 100.0,
+        },
     }[name]
 
 
