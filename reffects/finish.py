@@ -299,12 +299,17 @@ class _FirstFactorSums:
 
 
 class _GroupPairSums:
-    """sum_g w_g c_g c_g' for sparse rows c_g and any weights w, as one sparse product.
+    """sum_g w_g c_g c_g' for sparse rows c_g and any weights w, as one sparse product and
+    one dense one.
 
-    Each group contributes its nonzero pairs c_gi c_gj (i <= j); they are gathered once
-    into a matrix P (one row per pair (i, j) that any group has, one column per group), so
-    that the upper triangle of the sum is P w: on InstEval (2,972 students, 1,144 other
-    columns) a few milliseconds where a sparse triple product took 50.
+    Columns that are nonzero in at least `DENSE_SHARE` of the groups (centred fixed
+    effects, a common level) are kept as a dense block F, whose part of the sum is
+    F' diag(w) F and S' diag(w) F for the other columns S. Each group's nonzero pairs
+    within S, c_gi c_gj (i <= j), are gathered once into a matrix P (one row per pair
+    (i, j) that any group has, one column per group), so that the upper triangle of S's
+    part is P w. On InstEval (2,972 students, 1,144 other columns) a few milliseconds where
+    a sparse triple product took 50; on IMDb (33,000 directors against 1,598 genre sets and
+    160 centred features, which are dense) 0.07 s where it took 1.6.
 
     Example:
         >>> rows = sparse.csr_matrix(np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))
@@ -313,38 +318,60 @@ class _GroupPairSums:
     """
 
     LARGEST = 20_000_000  # pairs kept (about 320 MB); more: the sparse product instead
+    DENSE_SHARE = 0.1
+    LARGEST_DENSE = 20_000_000  # entries of F (160 MB) at most
 
-    def __init__(self, keys, pairs, width):
+    def __init__(self, keys, pairs, width, sparse_columns, sparse_rows, dense_columns, dense):
         self.keys, self.pairs, self.width = keys, pairs, width
+        self.sparse_columns, self.sparse_rows = sparse_columns, sparse_rows  # S' (csr)
+        self.dense_columns, self.dense = dense_columns, dense  # F
 
     @classmethod
     def of(cls, rows):
-        """The pair sums of csr `rows`, or None when they have more than `LARGEST` pairs."""
+        """The pair sums of csr `rows`, or None when their sparse columns have more than
+        `LARGEST` pairs."""
         rows = sparse.csr_matrix(rows, copy=True)
         rows.sum_duplicates()
+        num_groups, width = rows.shape
+        share = np.bincount(rows.indices, minlength=width) / max(num_groups, 1)
+        by_share = np.argsort(-share, kind="stable")
+        most = max(cls.LARGEST_DENSE // max(num_groups, 1), 0)
+        dense_columns = np.sort(by_share[:most][share[by_share[:most]] >= cls.DENSE_SHARE])
+        sparse_columns = np.setdiff1d(np.arange(width), dense_columns)
+        dense = rows[:, dense_columns].toarray()
+        rows = rows[:, sparse_columns].tocsr()
+        rows.sort_indices()
         lengths = np.diff(rows.indptr)
         if int(np.sum(lengths * (lengths + 1) // 2)) > cls.LARGEST:
             return None
-        group = np.repeat(np.arange(rows.shape[0]), lengths)
+        group = np.repeat(np.arange(num_groups), lengths)
         # each entry e pairs with the entries of its group from e on
         following = np.repeat(rows.indptr[1:], lengths) - np.arange(rows.nnz)
         first = np.repeat(np.arange(rows.nnz), following)
         block_starts = np.repeat(np.cumsum(following) - following, following)
         second = first + np.arange(len(first)) - block_starts  # e, e + 1, ..., group's end
-        low = np.minimum(rows.indices[first], rows.indices[second])
-        high = np.maximum(rows.indices[first], rows.indices[second])
-        keys, pair = np.unique(low.astype("int64") * rows.shape[1] + high, return_inverse=True)
+        low = sparse_columns[np.minimum(rows.indices[first], rows.indices[second])]
+        high = sparse_columns[np.maximum(rows.indices[first], rows.indices[second])]
+        keys, pair = np.unique(low.astype("int64") * width + high, return_inverse=True)
         values = rows.data[first] * rows.data[second]
-        pairs = sparse.csr_matrix((values, (pair, group[first])), shape=(len(keys), rows.shape[0]))
-        return cls(keys, pairs, rows.shape[1])
+        pairs = sparse.csr_matrix((values, (pair, group[first])), shape=(len(keys), num_groups))
+        return cls(keys, pairs, width, sparse_columns, rows.T.tocsr(), dense_columns, dense)
 
     def gram(self, weights) -> np.ndarray:
-        upper = np.zeros(self.width * self.width)
-        upper[self.keys] = self.pairs @ weights
-        upper = upper.reshape(self.width, self.width)
-        gram = upper + upper.T
-        diagonal = np.arange(self.width)
-        gram[diagonal, diagonal] = upper[diagonal, diagonal]
+        sums = self.pairs @ weights
+        gram = np.zeros(self.width * self.width)
+        gram[self.keys] = sums
+        low, high = np.divmod(self.keys, self.width)
+        off = low != high
+        gram[high[off] * self.width + low[off]] = sums[off]
+        gram = gram.reshape(self.width, self.width)
+        if len(self.dense_columns):
+            weighted = self.dense * weights[:, None]
+            dense = self.dense_columns
+            gram[np.ix_(dense, dense)] = self.dense.T @ weighted
+            mixed = np.asarray(self.sparse_rows @ weighted)
+            gram[np.ix_(self.sparse_columns, dense)] = mixed
+            gram[np.ix_(dense, self.sparse_columns)] = mixed.T
         return gram
 
 

@@ -535,3 +535,23 @@ def test_group_pair_sums_equal_the_weighted_sparse_product():
     expected = (rows.T @ sparse.diags(weights) @ rows).toarray()
     pairs = _GroupPairSums.of(rows)
     np.testing.assert_allclose(pairs.gram(weights), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_group_pair_sums_with_dense_columns_equal_the_weighted_sparse_product():
+    # Columns nonzero in most groups (centred features) are summed as a dense block and
+    # their products with the sparse columns as a sparse-dense product: the same sum, to
+    # float64 rounding, with the dense columns scattered among the sparse ones.
+    from scipy import sparse
+
+    from reffects.finish import _GroupPairSums
+
+    rng = np.random.default_rng(5)
+    rows = sparse.random(500, 60, density=0.03, random_state=6, format="lil")
+    for column in (0, 17, 59):
+        rows[:, column] = rng.normal(size=(500, 1))
+    rows = rows.tocsr()
+    weights = rng.random(500)
+    pairs = _GroupPairSums.of(rows)
+    assert pairs.dense_columns.tolist() == [0, 17, 59]
+    expected = (rows.T @ sparse.diags(weights) @ rows).toarray()
+    np.testing.assert_allclose(pairs.gram(weights), expected, rtol=1e-12, atol=1e-12)
