@@ -555,3 +555,22 @@ def test_group_pair_sums_with_dense_columns_equal_the_weighted_sparse_product():
     assert pairs.dense_columns.tolist() == [0, 17, 59]
     expected = (rows.T @ sparse.diags(weights) @ rows).toarray()
     np.testing.assert_allclose(pairs.gram(weights), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_quadratic_rows_split_into_dense_and_sparse_columns_equal_the_direct_product():
+    # diag(R C R') with dense columns (centred features) and sparse ones (levels), a row
+    # with several sparse entries and an empty row: float64 rounding only.
+    from scipy import sparse
+
+    from reffects.joint_posterior import _quadratic_rows
+
+    rng = np.random.default_rng(7)
+    rows = sparse.random(600, 50, density=0.02, random_state=8, format="lil")
+    rows[:, [3, 40]] = rng.normal(size=(600, 2))
+    rows[10, [0, 5, 9, 20]] = [1.0, -2.0, 0.5, 3.0]
+    rows[11, :] = 0.0
+    rows = rows.tocsr()
+    factor = rng.normal(size=(50, 50))
+    covariance = factor @ factor.T
+    expected = np.einsum("ij,jk,ik->i", rows.toarray(), covariance, rows.toarray())
+    np.testing.assert_allclose(_quadratic_rows(rows, covariance), expected, rtol=1e-12, atol=1e-9)
