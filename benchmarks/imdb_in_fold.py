@@ -22,6 +22,10 @@ Variants:
   defaults then gives that index to the subnetwork with the 3 continuous features, so the
   words can interact with them through one learned direction (the seconds include the
   linear fit).
+- `group-means`: each factor's mean of the 3 continuous features over the fitting rows
+  and its log row count added as columns (a level not among them: the fitting rows'
+  mean and log 1), which reach the linear part and, at the defaults, the subnetwork
+  (contextual effects, as Mundlak's group means).
 
 Each prints one line (MSE, `subnetwork_weight_`, the guard's best validation NLL, seconds);
 nothing is appended to RESULTS.md.
@@ -65,6 +69,7 @@ def variant_params(name, X_fit):
             "dropout": 0.3,
         },
         "word-index": {},
+        "group-means": {},
         "every-column-l2": {
             "batch_size": 1024,
             "epochs": 58,
@@ -87,6 +92,28 @@ def word_index(X_fit, y_fit, X_score):
     return replace(X_fit), replace(X_score)
 
 
+def group_means(X_fit, X_score):
+    """`X_fit` and `X_score` with each factor's means of the continuous features over
+    `X_fit` and its log count of `X_fit` rows."""
+    added = {}
+    for factor in imdb.FACTORS:
+        table = X_fit.groupby(factor)[imdb.CONTINUOUS].mean()
+        table["rows"] = np.log(X_fit.groupby(factor).size())
+        defaults = {**X_fit[imdb.CONTINUOUS].mean().to_dict(), "rows": 0.0}
+        added[factor] = (table, defaults)
+
+    def extend(X):
+        X = X.copy()
+        for factor, (table, defaults) in added.items():
+            joined = table.reindex(X[factor].to_numpy())
+            for column in table.columns:
+                values = joined[column].fillna(defaults[column]).to_numpy()
+                X[f"{factor}_mean_{column}"] = values
+        return X
+
+    return extend(X_fit), extend(X_score)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(imdb.DEFAULT_DATA))
@@ -99,6 +126,8 @@ def main(argv=None):
         X_in, X_out = X_fit, X_score
         if name == "word-index":
             X_in, X_out = word_index(X_fit, y_fit, X_score)
+        if name == "group-means":
+            X_in, X_out = group_means(X_fit, X_score)
         est = RandomEffectsRegressor(
             group_cols=imdb.FACTORS,
             hidden_units=(64, 32),

@@ -264,3 +264,50 @@ def test_a_group_column_as_a_slope_is_an_error():
         RandomEffectsRegressor(group_cols=["g", "h"], random_slopes={"g": ["h"]}, epochs=1).fit(
             X, y
         )
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-coupling", "finite-differences"])
+def test_slopes_crossed_with_a_wide_factor_match_lmer(dense, monkeypatch):
+    # (1 + x | s) + (1 | i), 400 subjects and 300 items: s is eliminated first and the rest
+    # beside it (300 levels and the fixed effects) is wider than 256 columns. Held dense,
+    # the criterion has its gradient; past the dense limits (forced here) the search takes
+    # finite differences over sparse products. Both reach lmer's REML optimum
+    # (deterministic: 1e-3 relative).
+    from reffects import finish
+
+    if not dense:
+        monkeypatch.setattr(finish, "_DENSE_CROSS_ENTRIES", 0)
+    held_dense = []
+    original = finish._FirstFactorBlocks.__init__
+
+    def recording(self, *args):
+        original(self, *args)
+        held_dense.append(self.dense_cross is not None)
+
+    monkeypatch.setattr(finish._FirstFactorBlocks, "__init__", recording)
+    rng = np.random.default_rng(1)
+    n = 4000
+    s, i = rng.integers(0, 400, n), rng.integers(0, 300, n)
+    x = rng.normal(size=n)
+    b_s = rng.multivariate_normal([0.0, 0.0], [[0.8, 0.2], [0.2, 0.3]], 400)
+    y = 1 + 0.5 * x + b_s[s, 0] + b_s[s, 1] * x + 0.6 * rng.normal(size=300)[i]
+    y += rng.normal(size=n)
+    data = pd.DataFrame({"y": y, "x": x, "s": s.astype(str), "i": i.astype(str)})
+    est = RandomEffectsRegressor(group_cols=["s", "i"], random_slopes={"s": ["x"]}).fit(
+        data[["s", "i", "x"]], data["y"]
+    )
+    assert held_dense == [dense]  # s's coupling to 302 columns, held dense or not
+    fit = mixedlm.lmer("y ~ x + (1 + x | s) + (1 | i)", data, REML=True)
+    sd, correlation, sigma, fixed = _lmer_values(fit, "s", ["(Intercept)", "x"])
+    covariance = est.random_effects_covariance_["s"].to_numpy()
+    assert np.sqrt(np.diag(covariance)) == pytest.approx(sd, rel=RELATIVE)
+    assert covariance[0, 1] / np.sqrt(np.diag(covariance)).prod() == pytest.approx(
+        correlation[0, 1], abs=1e-3
+    )
+    item_sd = fit.VarCorr().groups["i"].stddev["(Intercept)"]
+    assert est.random_effects_covariance_["i"].to_numpy()[0, 0] ** 0.5 == pytest.approx(
+        item_sd, rel=RELATIVE
+    )
+    assert est.noise_scale_ == pytest.approx(sigma, rel=RELATIVE)
+    assert np.r_[est.intercept_, est.coef_] == pytest.approx(fixed, rel=RELATIVE)
+    assert est.predict(data[["s", "i", "x"]]) == pytest.approx(fit.fitted(), abs=1e-3)
