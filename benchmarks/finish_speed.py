@@ -5,7 +5,7 @@
     python benchmarks/finish_speed.py --quick    # smoke size, a few seconds
     python benchmarks/finish_speed.py --cases c d    # InstEval and the crossed factors alone
 
-Four comparisons in one process (`--cases` names the ones to run; default all four), every
+Six comparisons in one process (`--cases` names the ones to run; default all six), every
 configuration fitted `--repeats` times in turn (round 1 fits each configuration once, then
 round 2, ...) and reported as medians:
 
@@ -20,6 +20,11 @@ c. lme4's InstEval, `y ~ service + (1|s) + (1|d) + (1|dept)`, the estimator at i
    (REML) vs `mixedlm.lmer` (REML), times and estimates.
 d. Four crossed factors (`problems.crossed_regression`), the estimator at its defaults vs
    mixedlm.
+e. A wide table with two crossed factors (IMDb's shape): 80,000 rows, factors of 30,000
+   and 1,500 levels, 3 continuous features and 150 sparse dummies (each 1 in 0.5-5% of
+   the rows, with effects), the estimator at its defaults vs mixedlm.
+f. Random slopes crossed with a wide factor: `y ~ x + (1 + x | s) + (1 | i)`, 30,000 rows,
+   2,000 subjects, 600 items, the estimator at its defaults vs mixedlm.
 
 mixedlm runs in a child process that times `lmer` alone and is stopped after `--timeout`
 seconds; a configuration that timed out is not fitted again. Errors and time-outs are
@@ -126,13 +131,23 @@ def plain_keras(arrays, y, num_groups, epochs, batch_size):
     return fit
 
 
-def estimator_estimates(X, y, group_cols):
+def estimator_estimates(X, y, group_cols, random_slopes=None, reported=None):
+    """The estimator at its defaults; `reported` names the fixed effects reported (default
+    all), the group sds are the intercepts'."""
+
     def fit(repeat):
-        est = RandomEffectsRegressor(group_cols=group_cols, random_state=repeat).fit(X, y)
+        est = RandomEffectsRegressor(
+            group_cols=group_cols, random_slopes=random_slopes, random_state=repeat
+        ).fit(X, y)
         features = [c for c in X.columns if c not in group_cols]
+        fixed = {"(Intercept)": est.intercept_, **dict(zip(features, est.coef_))}
+        sds = {
+            g: float(np.sqrt(est.random_effects_covariance_[g].to_numpy()[0, 0]))
+            for g in group_cols
+        }
         return {
-            "fixed": {"(Intercept)": est.intercept_, **dict(zip(features, est.coef_))},
-            "sd": {g: est.variance_components_[g] for g in group_cols},
+            "fixed": {k: v for k, v in fixed.items() if reported is None or k in reported},
+            "sd": sds,
             "noise": est.noise_scale_,
         }
 
@@ -142,7 +157,7 @@ def estimator_estimates(X, y, group_cols):
 _MIXEDLM_CHILD = """
 import json, pickle, sys, time, warnings
 import mixedlm
-data, formula, group_cols = pickle.load(open(sys.argv[1], "rb"))
+data, formula, group_cols, reported = pickle.load(open(sys.argv[1], "rb"))
 start = time.perf_counter()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -151,7 +166,7 @@ seconds = time.perf_counter() - start
 groups = result.VarCorr().groups
 print(json.dumps({
     "seconds": seconds,
-    "fixed": {k: float(v) for k, v in result.fixef().items()},
+    "fixed": {k: float(v) for k, v in result.fixef().items() if reported is None or k in reported},
     "sd": {g: float(groups[g].stddev["(Intercept)"]) for g in group_cols},
     "noise": float(result.sigma),
 }))
@@ -162,7 +177,7 @@ class TimedOut(Exception):
     """A fit that gave no result within the time limit."""
 
 
-def mixedlm_estimates(X, y, group_cols, formula, timeout):
+def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None):
     """`mixedlm.lmer` in a child process, stopped after `timeout` seconds.
 
     The child times `lmer` itself (reading the data and importing mixedlm are not counted).
@@ -173,7 +188,7 @@ def mixedlm_estimates(X, y, group_cols, formula, timeout):
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "data.pkl")
             with open(path, "wb") as handle:
-                pickle.dump((data, formula, group_cols), handle)
+                pickle.dump((data, formula, group_cols, reported), handle)
             try:
                 child = subprocess.run(
                     [sys.executable, "-c", _MIXEDLM_CHILD, path],
@@ -198,12 +213,38 @@ def insteval():
     return X, data["y"].astype("float64")
 
 
-def crossed(num_rows, num_levels):
-    features, ids, y = crossed_regression(num_rows, num_levels)
+def crossed(num_rows, num_levels, num_features=2, seed=0):
+    features, ids, y = crossed_regression(num_rows, num_levels, num_features, seed)
     X = pd.DataFrame(features, columns=[f"x{j}" for j in range(features.shape[1])])
     for k, codes in enumerate(ids):
         X[f"f{k}"] = codes
     return X, y
+
+
+def wide_table(num_rows, num_levels, num_dummies, seed=0):
+    """Case e's table: `crossed_regression` with 3 features and two factors, plus
+    `num_dummies` sparse 0/1 columns (shares 0.5-5%, effects Normal(0, 0.3^2)) added to y."""
+    X, y = crossed(num_rows, num_levels, num_features=3, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    shares = rng.uniform(0.005, 0.05, num_dummies)
+    dummies = (rng.random((num_rows, num_dummies)) < shares).astype("float64")
+    y = y + dummies @ rng.normal(0.0, 0.3, num_dummies)
+    for j in range(num_dummies):
+        X[f"d{j}"] = dummies[:, j]
+    return X, y
+
+
+def slopes_crossed(num_rows, num_subjects, num_items, seed=0):
+    """Case f's data: y = 1 + 0.5 x + 5 features' effects + (1 + x | s) + (1 | i) + noise,
+    subject sds 0.8 and 0.4, item sd 0.5."""
+    rng = np.random.default_rng(seed)
+    s, i = rng.integers(0, num_subjects, num_rows), rng.integers(0, num_items, num_rows)
+    x, z = rng.normal(size=num_rows), rng.normal(size=(num_rows, 5))
+    b = rng.normal(size=(num_subjects, 2)) * [0.8, 0.4]
+    c = rng.normal(0.0, 0.5, num_items)
+    y = 1 + 0.5 * x + z @ np.linspace(-0.2, 0.2, 5) + b[s, 0] + b[s, 1] * x + c[i]
+    X = pd.DataFrame(z, columns=[f"z{j}" for j in range(5)]).assign(x=x, s=s, i=i)
+    return X, y + rng.normal(size=num_rows)
 
 
 def main(argv=None):
@@ -221,7 +262,7 @@ def main(argv=None):
         "--timeout", type=float, default=300.0, help="seconds per mixedlm fit; then not repeated"
     )
     parser.add_argument(
-        "--cases", nargs="+", choices=list("abcd"), default=list("abcd"), help="cases to run"
+        "--cases", nargs="+", choices=list("abcdef"), default=list("abcdef"), help="cases to run"
     )
     parser.add_argument("--no-insteval", action="store_true", help="skip lme4's InstEval")
     parser.add_argument("--quick", action="store_true", help="smoke size, print only")
@@ -230,6 +271,8 @@ def main(argv=None):
     if args.quick:
         args.rows, args.groups, args.repeats, args.no_append = 3000, [10, 2000], 1, True
         args.crossed_rows, args.crossed_levels, args.no_insteval = 600, [300, 40, 20, 5], True
+    wide = (800, [300, 15], 10) if args.quick else (80_000, [30_000, 1_500], 150)
+    slopes = (600, 40, 60) if args.quick else (30_000, 2_000, 600)
     if args.no_insteval:
         args.cases = [c for c in args.cases if c != "c"]
     cases = set(args.cases)
@@ -286,6 +329,31 @@ def main(argv=None):
         runs += [
             Run("d", "estimator (REML)", estimator_estimates(X, y, cols)),
             Run("d", "mixedlm.lmer (REML)", mixedlm_estimates(X, y, cols, formula, args.timeout)),
+        ]
+    if "e" in cases:
+        X, y = wide_table(*wide)
+        cols = ["f0", "f1"]
+        formula = "y ~ " + " + ".join(c for c in X.columns if c not in cols)
+        formula += " + (1|f0) + (1|f1)"
+        shown = ["(Intercept)", "x0", "x1", "x2", "d0", "d1"]
+        runs += [
+            Run("e", "estimator (REML)", estimator_estimates(X, y, cols, reported=shown)),
+            Run(
+                "e",
+                "mixedlm.lmer (REML)",
+                mixedlm_estimates(X, y, cols, formula, args.timeout, reported=shown),
+            ),
+        ]
+    if "f" in cases:
+        X, y = slopes_crossed(*slopes)
+        formula = "y ~ z0 + z1 + z2 + z3 + z4 + x + (1 + x|s) + (1|i)"
+        runs += [
+            Run("f", "estimator (REML)", estimator_estimates(X, y, ["s", "i"], {"s": ["x"]})),
+            Run(
+                "f",
+                "mixedlm.lmer (REML)",
+                mixedlm_estimates(X, y, ["s", "i"], formula, args.timeout),
+            ),
         ]
     # One untimed tiny fit of each kind first: TensorFlow's one-off start-up costs are not
     # charged to whichever configuration happens to run first.
@@ -354,6 +422,8 @@ def main(argv=None):
             "b": "plain Keras",
             "c": "InstEval",
             "d": "4 crossed factors",
+            "e": "a wide table, 2 crossed factors",
+            "f": "slopes crossed with a wide factor",
         }
         described = {
             "a": f"a, b: epochs {args.epochs}, batch {args.batch_size}, 10 features.",
@@ -362,8 +432,18 @@ def main(argv=None):
             "d": f"d: {args.crossed_rows:,} rows, 2 features, crossed factors of {levels} "
             "levels (every level observed), both REML, estimator defaults.",
         }
+        described["e"] = (
+            f"e: {wide[0]:,} rows, crossed factors of {wide[1][0]:,} and {wide[1][1]:,} "
+            f"levels, 3 continuous features and {wide[2]} sparse dummies, both REML, "
+            "estimator defaults (fixed effects shown: the first few)."
+        )
+        described["f"] = (
+            f"f: {slopes[0]:,} rows, `y ~ z0 + ... + z4 + x + (1 + x|s) + (1|i)` with "
+            f"{slopes[1]:,} subjects and {slopes[2]:,} items, both REML, estimator defaults "
+            "(group sds: the intercepts')."
+        )
         described["b"] = described["a"]
-        chosen = [c for c in "abcd" if c in cases]
+        chosen = [c for c in "abcdef" if c in cases]
         goals = " Goals: 1M groups at most 1.5x the 1k fit; estimator / plain Keras <= 1.3."
         append(
             "Whole fit: SGD warm start + exact finish ("
