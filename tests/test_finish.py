@@ -574,3 +574,39 @@ def test_quadratic_rows_split_into_dense_and_sparse_columns_equal_the_direct_pro
     covariance = factor @ factor.T
     expected = np.einsum("ij,jk,ik->i", rows.toarray(), covariance, rows.toarray())
     np.testing.assert_allclose(_quadratic_rows(rows, covariance), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_split_rows_give_each_group_s_quadratic_forms_and_the_weighted_gram():
+    # 150 groups of d = 3 rows over 40 columns: 2 dense (every group) and 38 sparse; the
+    # split sums (dense block, sparse-dense products, pairs of sparse entries within a
+    # group) equal the direct products to float64 rounding, scaled columns too.
+    from scipy import sparse
+
+    from reffects.finish import _SplitRows
+
+    rng = np.random.default_rng(9)
+    groups, d, width = 150, 3, 40
+    rows = sparse.random(groups * d, width, density=0.01, random_state=10, format="lil")
+    rows[:, [7, 31]] = rng.normal(size=(groups * d, 2))
+    rows[3:6, [0, 4, 9, 20]] = rng.normal(size=(3, 4))  # group 1: many sparse entries
+    rows = rows.tocsr()
+    split = _SplitRows(rows, d)
+    assert split.dense_columns.tolist() == [7, 31]
+    blocks = rows.toarray().reshape(groups, d, width)
+    factor = rng.normal(size=(width, width))
+    matrix = factor @ factor.T
+    expected = np.einsum("gam,mn,gbn->gab", blocks, matrix, blocks)
+    np.testing.assert_allclose(split.quadratic(matrix), expected, rtol=1e-10, atol=1e-9)
+    scale = rng.random(width)
+    np.testing.assert_allclose(
+        split.scaled(scale).quadratic(matrix),
+        np.einsum("gam,mn,gbn->gab", blocks * scale, matrix, blocks * scale),
+        rtol=1e-10,
+        atol=1e-9,
+    )
+    weights = rng.normal(size=(groups, d, d))
+    weights = weights @ np.swapaxes(weights, 1, 2)  # symmetric, as K_g is
+    expected_gram = np.einsum("gam,gab,gbn->mn", blocks, weights, blocks)
+    np.testing.assert_allclose(
+        split.weighted_gram(weights, split.pair_gram()), expected_gram, rtol=1e-10, atol=1e-9
+    )
