@@ -36,7 +36,6 @@ s, with its correlations. Its marginal means and sds are written back into the l
 the Keras model (`predict`, `.keras` files) carries them too.
 """
 
-import copy
 import warnings
 
 import keras
@@ -44,6 +43,7 @@ import numpy as np
 from scipy import linalg, optimize, sparse, special
 from threadpoolctl import threadpool_limits
 
+from reffects.group_sums import DENSE_SHARE, SplitRows, batched_product
 from reffects.joint_posterior import GroupsGivenFixedPosterior, JointPosterior
 from reffects.layers import RandomEffects
 from reffects.likelihoods import Poisson
@@ -303,7 +303,7 @@ class _GroupPairSums:
     """sum_g w_g c_g c_g' for sparse rows c_g and any weights w, as one sparse product and
     one dense one.
 
-    Columns that are nonzero in at least `DENSE_SHARE` of the groups (centred fixed
+    Columns that are nonzero in at least `group_sums.DENSE_SHARE` of the groups (centred fixed
     effects, a common level) are kept as a dense block F, whose part of the sum is
     F' diag(w) F and S' diag(w) F for the other columns S. Each group's nonzero pairs
     within S, c_gi c_gj (i <= j), are gathered once into a matrix P (one row per pair
@@ -319,7 +319,6 @@ class _GroupPairSums:
     """
 
     LARGEST = 20_000_000  # pairs kept (about 320 MB); more: the sparse product instead
-    DENSE_SHARE = 0.1
     LARGEST_DENSE = 20_000_000  # entries of F (160 MB) at most
 
     def __init__(self, keys, pairs, width, sparse_columns, sparse_rows, dense_columns, dense):
@@ -337,7 +336,7 @@ class _GroupPairSums:
         share = np.bincount(rows.indices, minlength=width) / max(num_groups, 1)
         by_share = np.argsort(-share, kind="stable")
         most = max(cls.LARGEST_DENSE // max(num_groups, 1), 0)
-        dense_columns = np.sort(by_share[:most][share[by_share[:most]] >= cls.DENSE_SHARE])
+        dense_columns = np.sort(by_share[:most][share[by_share[:most]] >= DENSE_SHARE])
         sparse_columns = np.setdiff1d(np.arange(width), dense_columns)
         dense = rows[:, dense_columns].toarray()
         rows = rows[:, sparse_columns].tocsr()
@@ -384,7 +383,7 @@ class _FirstFactorBlocks:
     Eliminating it takes sum_g c_g' K_g c_g from the rest's Gram matrix, sum_g c_g' K_g h_g
     from its moment and sum_g h_g' K_g h_g from y'Wy, where K_g = Lambda G_g^-1 Lambda', and
     adds sum_g log det G_g to log det M. The coupling C (rows c_g) is kept split
-    (`_SplitRows`): the columns most groups touch (the fixed effects) dense, the others
+    (`SplitRows`): the columns most groups touch (the fixed effects) dense, the others
     (other factors' levels) sparse, so that a rest of many levels costs what its pairs
     within groups do. 2,000 subjects with random slopes crossed with 600 items (30,000
     rows): the whole fit 1.5-2.3 s, where holding C dense took 6.6 s and finite differences
@@ -394,7 +393,7 @@ class _FirstFactorBlocks:
     def __init__(self, gram, moment, cross):
         self.gram, self.moment, self.cross = gram, moment, cross  # (G, d, d), (G, d), C
         self.num_groups, self.d = moment.shape
-        self.split = _SplitRows(sparse.csr_matrix(cross), self.d)
+        self.split = SplitRows(sparse.csr_matrix(cross), self.d)
         self.pair_gram = self.split.pair_gram()
 
     def _at(self, factor):
@@ -431,129 +430,17 @@ class _FirstFactorBlocks:
             scaled = sparse.csr_matrix(
                 self.cross @ (sparse.diags(lam) if isinstance(lam, np.ndarray) else lam)
             )
-            scaled = _SplitRows(scaled[:, columns], self.d)
+            scaled = SplitRows(scaled[:, columns], self.d)
         quadratic = scaled.quadratic(inverse.full())  # c_g S^-1 c_g'
         rows = self.num_groups * self.d
         left = (blocks_inverse.reshape(rows, self.d) @ factor.T).reshape(blocks_inverse.shape)
-        coupled = _batched_product(_batched_product(left, quadratic), np.swapaxes(left, 1, 2))
+        coupled = batched_product(batched_product(left, quadratic), np.swapaxes(left, 1, 2))
         return blocks_inverse.sum(axis=0) + coupled.sum(axis=0)
 
     def offsets(self, factor, v):
         """u_g = G_g^-1 Lambda' (h_g - c_g v), `(G, d)`."""
         residual = self.moment - (self.cross @ v).reshape(self.num_groups, self.d)
         return (self._at(factor)[0] @ (residual @ factor)[..., None])[..., 0]
-
-
-class _SplitRows:
-    """A `(G d, m)` sparse matrix of G groups' d rows each, split by column: the columns
-    nonzero in at least `_GroupPairSums.DENSE_SHARE` of the groups as a dense `(G, d, m_d)`
-    block, the others as a sparse matrix. Gives the groups' quadratic forms and weighted
-    Gram matrices at the cost of the dense block plus each group's pairs of sparse entries.
-
-    Example:
-        >>> rows = sparse.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]))
-        >>> _SplitRows(rows, 2).quadratic(np.eye(3))[0].tolist()  # c_g c_g'
-        [[5.0, 2.0], [2.0, 2.0]]
-    """
-
-    def __init__(self, rows, d):
-        self.d, self.num_groups, self.width = d, rows.shape[0] // d, rows.shape[1]
-        rows = sparse.csr_matrix(rows)
-        rows.sum_duplicates()
-        group = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr)) // d
-        touched = np.unique(group.astype("int64") * self.width + rows.indices)  # (g, column)
-        share = np.bincount(touched % self.width, minlength=self.width) / max(self.num_groups, 1)
-        dense = share >= _GroupPairSums.DENSE_SHARE
-        self.dense_columns, self.sparse_columns = np.flatnonzero(dense), np.flatnonzero(~dense)
-        self.dense = rows[:, self.dense_columns].toarray()
-        self.dense = self.dense.reshape(self.num_groups, d, len(self.dense_columns))
-        self.sparse = rows[:, self.sparse_columns].tocsr()
-        self.sparse.sort_indices()
-        self.pairs = self._pairs()
-        self.targets = self._targets()
-
-    def scaled(self, scale):
-        """The same rows with column j times `scale[j]` (the pattern and pairs shared)."""
-        result = copy.copy(self)
-        result.dense = self.dense * scale[self.dense_columns]
-        result.sparse = self.sparse.copy()
-        result.sparse.data = self.sparse.data * scale[self.sparse_columns][self.sparse.indices]
-        return result
-
-    def _pairs(self):
-        """Each pair of the sparse part's entries in one group, (e1, e2) with e1 <= e2 in
-        storage order, with e1's and e2's row within the group."""
-        part, d = self.sparse, self.d
-        starts = np.ascontiguousarray(part.indptr[::d])
-        lengths = np.diff(starts)  # entries per group
-        group = np.repeat(np.arange(self.num_groups), lengths)
-        following = starts[group + 1] - np.arange(part.nnz)  # e, e + 1, ..., group's end
-        first = np.repeat(np.arange(part.nnz), following)
-        second = (
-            first + np.arange(len(first)) - np.repeat(np.cumsum(following) - following, following)
-        )
-        row = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr)) % d
-        return group[first], first, second, row[first], row[second]
-
-    def _targets(self):
-        """Where each pair's product goes in the flattened `(G, d, d)`: (g, a1, a2), and
-        for pairs of two entries also (g, a2, a1)."""
-        group, first, second, row_a, row_b = self.pairs
-        apart = first != second
-        forward = (group * self.d + row_a) * self.d + row_b
-        backward = ((group * self.d + row_b) * self.d + row_a)[apart]
-        return forward, backward, apart
-
-    def quadratic(self, matrix) -> np.ndarray:
-        """c_ga' matrix c_gb for each group's rows a, b: `(G, d, d)`."""
-        dense, other = self.dense_columns, self.sparse_columns
-        rows = self.num_groups * self.d
-        full = self.dense.reshape(rows, len(dense))
-        result = np.einsum(
-            "gam,gbm->gab",
-            (full @ matrix[np.ix_(dense, dense)]).reshape(self.dense.shape),
-            self.dense,
-        )
-        mixed = np.asarray(self.sparse @ matrix[np.ix_(other, dense)]).reshape(self.dense.shape)
-        cross_term = np.einsum("gam,gbm->gab", mixed, self.dense)
-        result += cross_term + np.swapaxes(cross_term, 1, 2)
-        _, first, second, _, _ = self.pairs
-        forward, backward, apart = self.targets
-        columns = other[self.sparse.indices]
-        values = self.sparse.data[first] * self.sparse.data[second]
-        values *= matrix[columns[first], columns[second]]  # matrix is symmetric
-        sums = np.bincount(forward, values, minlength=result.size)
-        sums += np.bincount(backward, values[apart], minlength=result.size)
-        return result + sums.reshape(result.shape)
-
-    def pair_gram(self):
-        """The sparse part's pairs as a matrix P: its product with the groups' flattened
-        d x d weights K is sum_g c_g' K_g c_g over the sparse columns (flattened)."""
-        _, first, second, _, _ = self.pairs
-        forward, backward, apart = self.targets
-        width = len(self.sparse_columns)
-        low, high = self.sparse.indices[first], self.sparse.indices[second]
-        keys = np.concatenate(
-            [low.astype("int64") * width + high, (high.astype("int64") * width + low)[apart]]
-        )
-        values = self.sparse.data[first] * self.sparse.data[second]
-        return sparse.csr_matrix(
-            (np.concatenate([values, values[apart]]), (keys, np.concatenate([forward, backward]))),
-            shape=(width * width, self.num_groups * self.d * self.d),
-        )
-
-    def weighted_gram(self, weights, pairs) -> np.ndarray:
-        """sum_g c_g' K_g c_g for `(G, d, d)` weights K, `(m, m)`; `pairs` from `pair_gram`."""
-        dense, other = self.dense_columns, self.sparse_columns
-        rows = self.num_groups * self.d
-        weighted = _batched_product(weights, self.dense).reshape(rows, len(dense))
-        gram = np.zeros((self.width, self.width))
-        gram[np.ix_(dense, dense)] = self.dense.reshape(rows, len(dense)).T @ weighted
-        mixed = np.asarray(self.sparse.T @ weighted)
-        gram[np.ix_(other, dense)] = mixed
-        gram[np.ix_(dense, other)] = mixed.T
-        gram[np.ix_(other, other)] = (pairs @ weights.reshape(-1)).reshape(len(other), len(other))
-        return gram
 
 
 def _spd_inverses(blocks):
@@ -588,15 +475,6 @@ def _spd_inverses(blocks):
         for j in range(i + 1):
             inverse[i, j] = inverse[j, i] = sum(solved[k][i] * solved[k][j] for k in range(i, d))
     return np.ascontiguousarray(np.moveaxis(inverse, -1, 0)), log_det
-
-
-def _batched_product(left, right):
-    """left_g @ right_g for `(G, d, e)` and `(G, e, m)` with small d and e, as e
-    broadcast products (numpy's batched matmul of 2 x 2 by 2 x 600 blocks costs 10x more)."""
-    result = left[:, :, :1] * right[:, :1, :]
-    for j in range(1, left.shape[2]):
-        result += left[:, :, j : j + 1] * right[:, j : j + 1, :]
-    return result
 
 
 def _congruence(blocks, factor):

@@ -23,6 +23,8 @@ shares rows with). Everything is on the model's (standardised) scale.
 import numpy as np
 from scipy import sparse
 
+from reffects.group_sums import SplitRows
+
 
 class JointPosterior:
     """A Normal posterior over fixed effects and every factor's group coefficients, jointly.
@@ -355,44 +357,17 @@ def _row_matrix(values, columns, width):
     )
 
 
-_DENSE_SHARE = 0.1
-
-
 def _quadratic_rows(rows, covariance) -> np.ndarray:
-    """diag(rows @ covariance @ rows.T) for a sparse `rows`.
-
-    Columns nonzero in at least `_DENSE_SHARE` of the rows (centred features) are taken
-    as a dense block D, the rest as the sparse S: the diagonal of D C_dd D' + 2 S C_sd D'
-    + S C_ss S', the last summed over each row's pairs of entries. On IMDb's 33,000
-    directors (162 dense of 1,758 columns) 0.2 s where the sparse-dense product with every
-    column took 1.4.
+    """diag(rows @ covariance @ rows.T) for a sparse `rows`, split by column
+    (`group_sums.SplitRows`, one row per group): on IMDb's 33,000 directors (162 dense of
+    1,758 columns) 0.04 s a chunk where the sparse-dense product with every column took 0.94.
 
     Example:
         >>> rows = sparse.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]))
         >>> _quadratic_rows(rows, np.array([[2.0, 0, 0], [0, 1, 0.5], [0, 0.5, 1]])).tolist()
         [6.0, 3.0]
     """
-    rows = sparse.csr_matrix(rows)
-    num_rows = rows.shape[0]
-    share = np.bincount(rows.indices, minlength=rows.shape[1]) / max(num_rows, 1)
-    dense = share >= _DENSE_SHARE
-    other = np.flatnonzero(~dense)
-    full, part = rows[:, dense].toarray(), rows[:, other].tocsr()
-    total = np.einsum("ij,ij->i", full @ covariance[np.ix_(dense, dense)], full)
-    total += 2.0 * np.einsum("ij,ij->i", np.asarray(part @ covariance[np.ix_(other, dense)]), full)
-    lengths = np.diff(part.indptr)
-    if int(np.sum(lengths.astype("int64") ** 2)) > num_rows * len(other):  # dense rows
-        product = np.asarray(part @ covariance[np.ix_(other, other)])
-        return total + np.asarray(part.multiply(product).sum(axis=1)).reshape(-1)
-    row = np.repeat(np.arange(num_rows), lengths)  # each entry's row
-    partners = lengths[row]
-    first = np.repeat(np.arange(part.nnz), partners)
-    second = np.repeat(part.indptr[row], partners) + (
-        np.arange(len(first)) - np.repeat(np.cumsum(partners) - partners, partners)
-    )
-    columns = other[part.indices]
-    values = part.data[first] * part.data[second] * covariance[columns[first], columns[second]]
-    return total + np.bincount(row[first], values, minlength=num_rows)
+    return SplitRows(rows, 1).quadratic(np.asarray(covariance))[:, 0, 0]
 
 
 def _cholesky_psd(covariance) -> np.ndarray:

@@ -582,7 +582,7 @@ def test_split_rows_give_each_group_s_quadratic_forms_and_the_weighted_gram():
     # group) equal the direct products to float64 rounding, scaled columns too.
     from scipy import sparse
 
-    from reffects.finish import _SplitRows
+    from reffects.group_sums import SplitRows
 
     rng = np.random.default_rng(9)
     groups, d, width = 150, 3, 40
@@ -590,7 +590,7 @@ def test_split_rows_give_each_group_s_quadratic_forms_and_the_weighted_gram():
     rows[:, [7, 31]] = rng.normal(size=(groups * d, 2))
     rows[3:6, [0, 4, 9, 20]] = rng.normal(size=(3, 4))  # group 1: many sparse entries
     rows = rows.tocsr()
-    split = _SplitRows(rows, d)
+    split = SplitRows(rows, d)
     assert split.dense_columns.tolist() == [7, 31]
     blocks = rows.toarray().reshape(groups, d, width)
     factor = rng.normal(size=(width, width))
