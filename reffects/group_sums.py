@@ -116,20 +116,21 @@ class SplitRows:
         return result + sums.reshape(result.shape)
 
     def pair_gram(self):
-        """The sparse part's pairs as a matrix P: its product with the groups' flattened
-        d x d weights K is sum_g c_g' K_g c_g over the sparse columns (flattened)."""
+        """The sparse part's pairs as `(keys, P)`: P's product with the groups' flattened
+        d x d weights K holds sum_g c_g' K_g c_g at the flattened `(m, m)` positions `keys`
+        (only the column pairs some group has: a row per pair, not per entry of m x m)."""
         _, first, second, _, _ = self.pairs
         forward, backward, apart = self.targets
-        width = len(self.sparse_columns)
-        low, high = self.sparse.indices[first], self.sparse.indices[second]
-        keys = np.concatenate(
-            [low.astype("int64") * width + high, (high.astype("int64") * width + low)[apart]]
-        )
+        columns = self.sparse_columns[self.sparse.indices].astype("int64")
+        low, high = columns[first], columns[second]
+        positions = np.concatenate([low * self.width + high, (high * self.width + low)[apart]])
+        keys, pair = np.unique(positions, return_inverse=True)
         values = self.sparse.data[first] * self.sparse.data[second]
-        return sparse.csr_matrix(
-            (np.concatenate([values, values[apart]]), (keys, np.concatenate([forward, backward]))),
-            shape=(width * width, self.num_groups * self.d * self.d),
+        matrix = sparse.csr_matrix(
+            (np.concatenate([values, values[apart]]), (pair, np.concatenate([forward, backward]))),
+            shape=(len(keys), self.num_groups * self.d * self.d),
         )
+        return keys, matrix
 
     def weighted_gram(self, weights, pairs) -> np.ndarray:
         """sum_g c_g' K_g c_g for `(G, d, d)` weights K, `(m, m)`; `pairs` from `pair_gram`."""
@@ -137,9 +138,10 @@ class SplitRows:
         rows = self.num_groups * self.d
         weighted = batched_product(weights, self.dense).reshape(rows, len(dense))
         gram = np.zeros((self.width, self.width))
+        keys, matrix = pairs
+        gram.reshape(-1)[keys] = matrix @ weights.reshape(-1)
         gram[np.ix_(dense, dense)] = self.dense.reshape(rows, len(dense)).T @ weighted
         mixed = np.asarray(self.sparse.T @ weighted)
         gram[np.ix_(other, dense)] = mixed
         gram[np.ix_(dense, other)] = mixed.T
-        gram[np.ix_(other, other)] = (pairs @ weights.reshape(-1)).reshape(len(other), len(other))
         return gram
