@@ -1334,6 +1334,10 @@ class _GLMFamily:
     def variance(self, mean):
         return mean if self.log_link else mean * (1.0 - mean)
 
+    def variance_slope(self, mean):
+        """dV/dmu."""
+        return np.ones_like(mean) if self.log_link else 1.0 - 2.0 * mean
+
     def deviance(self, y, mean, weights):
         """sum_i w_i d(y_i, mu_i): twice the log-likelihood ratio to the saturated model."""
         if self.log_link:
@@ -1364,9 +1368,9 @@ class GeneralizedMixedModel:
         sum_i w_i d(y_i, mu_i) + |u|^2 + log det(Lambda' Z' W Z Lambda + I)   (+ beta's prior)
 
     at the mode. As glmer's default (nAGQ = 1) does, theta is first fitted with beta in
-    PIRLS, then theta and beta together on the Laplace deviance (L-BFGS-B, finite-difference
-    gradients). The posterior is the Laplace approximation at the mode: Normal, with the
-    inverse of the penalised system as covariance.
+    PIRLS, then theta and beta together on the Laplace deviance (L-BFGS-B; beta's gradient
+    analytic, theta's by central differences). The posterior is the Laplace approximation at
+    the mode: Normal, with the inverse of the penalised system as covariance.
 
     Args:
         likelihood: a `Bernoulli`, `Binomial` or `Poisson` likelihood.
@@ -1409,12 +1413,16 @@ class GeneralizedMixedModel:
         self.covariance_factors = CovarianceFactors([t.shape[1] for t in self.terms], correlated)
 
     def _predictor(self, theta, offsets, beta):
-        eta = self.held + self.design @ beta
+        return self.held + self.design @ beta + self._random_part(theta, offsets)
+
+    def _random_part(self, theta, offsets):
+        """Z Lambda u."""
+        part = np.zeros(len(self.y))
         factors = self.covariance_factors.matrices(theta)
         for k, u in enumerate(offsets):
             coefficients = u @ factors[k].T
-            eta = eta + np.sum(self.terms[k] * coefficients[self.codes[k]], axis=1)
-        return eta
+            part += np.sum(self.terms[k] * coefficients[self.codes[k]], axis=1)
+        return part
 
     def _penalised_deviance(self, theta, offsets, beta):
         mean = self.family.mean(self._predictor(theta, offsets, beta))
@@ -1456,6 +1464,10 @@ class GeneralizedMixedModel:
 
         Returns `(offsets, beta, laplace_deviance)`.
         """
+        return self._pirls(theta, offsets, beta, free_beta)[:3]
+
+    def _pirls(self, theta, offsets, beta, free_beta):
+        """`pirls`, and the working system at the mode (None where the weights overflow)."""
         offsets = [
             np.array(u, "float64").reshape(g, t.shape[1])
             for u, g, t in zip(offsets, self.num_levels, self.terms)
@@ -1467,7 +1479,7 @@ class GeneralizedMixedModel:
                 system = self._working_system(theta, offsets, beta, free_beta)
                 pls = system.solve(theta, 1.0)
             if pls is None:  # overflowing weights at an extreme trial point
-                return offsets, beta, np.inf
+                return offsets, beta, np.inf, None
             new_offsets, new_beta = _coefficients(system, pls, beta, free_beta)
             for _ in range(30):  # step halving
                 value = self._penalised_deviance(theta, new_offsets, new_beta)
@@ -1480,10 +1492,11 @@ class GeneralizedMixedModel:
             if abs(change) <= 1e-12 * (1.0 + abs(current)):
                 break
         with np.errstate(over="ignore", invalid="ignore"):
-            pls = self._working_system(theta, offsets, beta, free_beta).solve(theta, 1.0)
+            system = self._working_system(theta, offsets, beta, free_beta)
+            pls = system.solve(theta, 1.0)
         if pls is None:
-            return offsets, beta, np.inf
-        return offsets, beta, current + pls["log_det_random"]
+            return offsets, beta, np.inf, None
+        return offsets, beta, current + pls["log_det_random"], system
 
     @_one_blas_thread
     def fit(self, theta, offsets, beta, scale_priors=None, correlation_priors=None):
@@ -1529,11 +1542,32 @@ class GeneralizedMixedModel:
             )
             theta = layout.from_search(result.x, every)
 
-        def stage_two(values):
+        def stage_two_at(values, state):
             trial = layout.from_search(values[:num_scales], every)
-            return self._laplace_objective(trial, values[num_scales:] / column_scale, state) + (
-                scale_penalty(trial)
+            value, gradient = self._laplace_and_gradient(
+                trial, values[num_scales:] / column_scale, state
             )
+            return value + scale_penalty(trial), gradient / column_scale
+
+        def stage_two(values):
+            """The Laplace deviance and its gradient: beta's analytic, theta's by central
+            differences (one-sided at a bound), each from the mode at `values`."""
+            value, beta_gradient = stage_two_at(values, state)
+            scale_gradient = np.empty(num_scales)
+            for j, (lower, upper) in enumerate(bounds):
+                step = _CENTRAL_STEP * max(1.0, abs(values[j]))
+                ahead, behind = values.copy(), values.copy()
+                ahead[j] = min(values[j] + step, upper if upper is not None else np.inf)
+                behind[j] = max(values[j] - step, lower if lower is not None else -np.inf)
+                if ahead[j] - values[j] < step:  # at the upper bound
+                    ahead = values
+                elif values[j] - behind[j] < step:
+                    behind = values
+                difference = (
+                    stage_two_at(ahead, dict(state))[0] - stage_two_at(behind, dict(state))[0]
+                )
+                scale_gradient[j] = difference / (ahead[j] - behind[j])
+            return value, np.concatenate([scale_gradient, beta_gradient])
 
         # beta in units of its column's root mean square, so that one step moves every
         # coefficient's share of eta alike
@@ -1545,7 +1579,7 @@ class GeneralizedMixedModel:
             start,
             method="L-BFGS-B",
             bounds=bounds + [(None, None)] * len(state["beta"]),
-            jac="3-point",
+            jac=True,
             options={"ftol": 1e-14, "gtol": 1e-8, "maxiter": 500},
         )
         theta = layout.from_search(result.x[:num_scales], every)
@@ -1563,6 +1597,50 @@ class GeneralizedMixedModel:
             return _OVERFLOW_DEVIANCE
         state["offsets"] = offsets
         return value
+
+    def _laplace_and_gradient(self, theta, beta, state):
+        """The Laplace deviance at (theta, beta) (as `_laplace_objective`) and its gradient
+        in beta.
+
+        u* (the mode) minimises the penalised deviance, so that part moves with beta as at
+        fixed u: X' (-2 w (y - mu)) + 2 P0 (beta - m0). log det M, M = Lambda' Z' W Z
+        Lambda + I with working weights W_i = w_i V(mu_i), moves through eta* = X beta +
+        Z Lambda u*(beta): d log det M / d eta_i = l_i w_i V'(mu_i) V(mu_i) =: q_i, with l_i
+        = (Z Lambda M^-1 Lambda' Z')_ii (row i's posterior variance of eta given beta), and
+        d eta* / d beta = (I - Z Lambda M^-1 Lambda' Z' W) X (differentiating the mode's
+        equation), so that part's gradient is X' (q - W a), a = Z Lambda M^-1 Lambda' Z' q:
+        the random part of the penalised least-squares fit of q / W with weights W.
+        """
+        offsets, _, value, system = self._pirls(theta, state["offsets"], beta, False)
+        if system is None:
+            return _OVERFLOW_DEVIANCE, np.zeros(len(beta))
+        state["offsets"] = offsets
+        eta = self._predictor(theta, offsets, beta)
+        mean = self.family.mean(eta)
+        variance = np.maximum(self.family.variance(mean), 1e-12)
+        working = self.weights * variance
+        no_design = np.zeros((len(eta), 0))
+        posterior = system.posterior(theta, 1.0)
+        leverage = posterior.predictor_variance(no_design, self.codes, self.terms)
+        q = leverage * self.weights * self.family.variance_slope(mean) * variance
+        ratio = np.divide(q, working, out=np.zeros_like(q), where=working > 0)
+        probe = LinearMixedSystem(
+            ratio,
+            working,
+            no_design,
+            self.codes,
+            self.num_levels,
+            np.zeros(0),
+            np.zeros(0),
+            self.terms,
+            self.correlated,
+        )
+        fitted = self._random_part(
+            theta, _coefficients(probe, probe.solve(theta, 1.0), beta, False)[0]
+        )
+        score = q - working * fitted - 2.0 * self.weights * (self.y - mean)
+        gradient = self.design.T @ score + 2.0 * self.prior_precision * (beta - self.prior_mean)
+        return value, gradient
 
     @_one_blas_thread
     def log_scale_sd(self, theta, offsets, beta, k, scale_priors):
@@ -1594,6 +1672,7 @@ class GeneralizedMixedModel:
 
 
 _MAX_PIRLS_STEPS = 100
+_CENTRAL_STEP = np.finfo(float).eps ** (1 / 3)  # scipy's for "3-point" differences
 _OVERFLOW_DEVIANCE = 1e100
 
 

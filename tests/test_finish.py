@@ -352,6 +352,54 @@ def test_laplace_kernel_matches_glmer(case):
     assert posterior.fixed_sd() == pytest.approx(se, rel=RELATIVE)
 
 
+@pytest.mark.parametrize("case", ["grouseticks", "bernoulli", "slopes"])
+def test_laplace_beta_gradient_matches_central_differences(case):
+    from reffects.finish import GeneralizedMixedModel
+    from reffects.likelihoods import get_likelihood
+
+    if case == "slopes":
+        frame = _slope_simulation("bernoulli")
+        codes, levels = _codes(frame, ["g"])
+        y, weights = frame["y"].to_numpy(), np.ones(len(frame))
+        design = np.column_stack([np.ones(len(frame)), frame["x"]])
+        extra, family = ([design], [True]), "bernoulli"
+        theta = np.array([0.6, 0.1, 0.4])
+    else:
+        load, _, response, trials, features, factors, family = GLMM_CASES[case]
+        frame = load()
+        y = frame[response].to_numpy(float)
+        weights = np.ones(len(y)) if trials is None else frame[trials].to_numpy(float)
+        design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
+        codes, levels = _codes(frame, factors)
+        extra, theta = (), np.full(len(levels), 0.7)
+    width = design.shape[1]
+    # a weak prior on beta, so that its term of the gradient is exercised too
+    model = GeneralizedMixedModel(
+        get_likelihood(family), y, weights, design, codes, levels,
+        np.full(width, 0.1), np.full(width, 0.5), 0.0, *extra,
+    )  # fmt: skip
+    beta = np.linspace(-0.3, 0.4, width)
+    widths = [t.shape[1] for t in model.terms]
+    state = {"offsets": [np.zeros((g, d)) for g, d in zip(levels, widths)]}
+    value, gradient = model._laplace_and_gradient(theta, beta, state)
+
+    step = 1e-5
+    expected = np.empty(width)
+    for j in range(width):
+        ahead, behind = beta.copy(), beta.copy()
+        ahead[j] += step
+        behind[j] -= step
+        expected[j] = (
+            model._laplace_objective(theta, ahead, dict(state))
+            - model._laplace_objective(theta, behind, dict(state))
+        ) / (2 * step)
+    assert value == pytest.approx(model._laplace_objective(theta, beta, dict(state)), rel=1e-10)
+    # central differences of a smooth function (PIRLS converged to 1e-12 relative) carry an
+    # error of order step^2 ~ 1e-10 times the third derivative plus ~1e-12 |value| / step,
+    # ~1e-5 here against gradients of order 1-100
+    assert gradient == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
 def test_glmm_estimator_matches_glmer_at_defaults():
     load, formula, response, trials, features, factors, family = GLMM_CASES["cbpp"]
     frame, sds, fixed, se = _glmer_oracle("cbpp")
