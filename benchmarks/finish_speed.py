@@ -5,7 +5,7 @@
     python benchmarks/finish_speed.py --quick    # smoke size, a few seconds
     python benchmarks/finish_speed.py --cases c d    # InstEval and the crossed factors alone
 
-Six comparisons in one process (`--cases` names the ones to run; default all six), every
+Seven comparisons in one process (`--cases` names the ones to run; default all seven), every
 configuration fitted `--repeats` times in turn (round 1 fits each configuration once, then
 round 2, ...) and reported as medians:
 
@@ -25,8 +25,12 @@ e. A wide table with two crossed factors (IMDb's shape): 80,000 rows, factors of
    the rows, with effects), the estimator at its defaults vs mixedlm.
 f. Random slopes crossed with a wide factor: `y ~ x + (1 + x | s) + (1 | i)`, 30,000 rows,
    2,000 subjects, 600 items, the estimator at its defaults vs mixedlm.
+g. A GLMM on a wide table: case e's generator at 20,000 rows, factors of 8,000 and 400
+   levels, 3 continuous features and 60 sparse dummies, y = 1 where e's response is above
+   its median; `RandomEffectsClassifier` at its defaults (glmer's Laplace fit, no SGD) vs
+   `mixedlm.glmer` (binomial, Laplace).
 
-mixedlm runs in a child process that times `lmer` alone and is stopped after `--timeout`
+mixedlm runs in a child process that times `lmer` (`glmer`) alone and is stopped after `--timeout`
 seconds; a configuration that timed out is not fitted again. Errors and time-outs are
 reported in the table as they happened, with the time until them.
 """
@@ -50,7 +54,7 @@ from results import append, markdown  # noqa: E402
 
 import reffects.estimators  # noqa: E402
 import reffects.finish  # noqa: E402
-from reffects import RandomEffectsRegressor  # noqa: E402
+from reffects import RandomEffectsClassifier, RandomEffectsRegressor  # noqa: E402
 
 FEATURES = [f"x{j}" for j in range(10)]
 INSTEVAL_FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
@@ -161,14 +165,17 @@ data, formula, group_cols, reported = pickle.load(open(sys.argv[1], "rb"))
 start = time.perf_counter()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    result = mixedlm.lmer(formula, data, REML=True)
+    if "binomial" in sys.argv[2:]:
+        result = mixedlm.glmer(formula, data, family=mixedlm.families.Binomial())
+    else:
+        result = mixedlm.lmer(formula, data, REML=True)
 seconds = time.perf_counter() - start
 groups = result.VarCorr().groups
 print(json.dumps({
     "seconds": seconds,
     "fixed": {k: float(v) for k, v in result.fixef().items() if reported is None or k in reported},
     "sd": {g: float(groups[g].stddev["(Intercept)"]) for g in group_cols},
-    "noise": float(result.sigma),
+    "noise": float(result.sigma) if "binomial" not in sys.argv[2:] else float("nan"),
 }))
 """
 
@@ -177,10 +184,11 @@ class TimedOut(Exception):
     """A fit that gave no result within the time limit."""
 
 
-def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None):
-    """`mixedlm.lmer` in a child process, stopped after `timeout` seconds.
+def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None, binomial=False):
+    """`mixedlm.lmer` (REML; `binomial`: `mixedlm.glmer`, Laplace) in a child process,
+    stopped after `timeout` seconds.
 
-    The child times `lmer` itself (reading the data and importing mixedlm are not counted).
+    The child times the fit itself (reading the data and importing mixedlm are not counted).
     """
     data = X.assign(y=np.asarray(y, "float64"), **{g: X[g].astype(str) for g in group_cols})
 
@@ -191,7 +199,8 @@ def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None):
                 pickle.dump((data, formula, group_cols, reported), handle)
             try:
                 child = subprocess.run(
-                    [sys.executable, "-c", _MIXEDLM_CHILD, path],
+                    [sys.executable, "-c", _MIXEDLM_CHILD, path]
+                    + (["binomial"] if binomial else []),
                     capture_output=True,
                     text=True,
                     timeout=timeout,
@@ -234,6 +243,23 @@ def wide_table(num_rows, num_levels, num_dummies, seed=0):
     return X, y
 
 
+def classifier_estimates(X, y, group_cols, reported):
+    """`RandomEffectsClassifier` at its defaults, reported as `estimator_estimates`."""
+
+    def fit(repeat):
+        est = RandomEffectsClassifier(group_cols=group_cols, random_state=repeat).fit(X, y)
+        features = [c for c in X.columns if c not in group_cols]
+        fixed = {"(Intercept)": float(np.ravel(est.intercept_)[-1])}
+        fixed.update(zip(features, np.ravel(est.coef_)))
+        sds = {
+            g: float(np.sqrt(est.random_effects_covariance_[g].to_numpy()[0, 0]))
+            for g in group_cols
+        }
+        return {"fixed": {k: fixed[k] for k in reported}, "sd": sds, "noise": np.nan}
+
+    return fit
+
+
 def slopes_crossed(num_rows, num_subjects, num_items, seed=0):
     """Case f's data: y = 1 + 0.5 x + 5 features' effects + (1 + x | s) + (1 | i) + noise,
     subject sds 0.8 and 0.4, item sd 0.5."""
@@ -262,7 +288,7 @@ def main(argv=None):
         "--timeout", type=float, default=300.0, help="seconds per mixedlm fit; then not repeated"
     )
     parser.add_argument(
-        "--cases", nargs="+", choices=list("abcdef"), default=list("abcdef"), help="cases to run"
+        "--cases", nargs="+", choices=list("abcdefg"), default=list("abcdefg"), help="cases to run"
     )
     parser.add_argument("--no-insteval", action="store_true", help="skip lme4's InstEval")
     parser.add_argument("--quick", action="store_true", help="smoke size, print only")
@@ -273,6 +299,7 @@ def main(argv=None):
         args.crossed_rows, args.crossed_levels, args.no_insteval = 600, [300, 40, 20, 5], True
     wide = (800, [300, 15], 10) if args.quick else (80_000, [30_000, 1_500], 150)
     slopes = (600, 40, 60) if args.quick else (30_000, 2_000, 600)
+    glmm = (800, [300, 15], 10) if args.quick else (20_000, [8_000, 400], 60)
     if args.no_insteval:
         args.cases = [c for c in args.cases if c != "c"]
     cases = set(args.cases)
@@ -355,6 +382,21 @@ def main(argv=None):
                 mixedlm_estimates(X, y, ["s", "i"], formula, args.timeout),
             ),
         ]
+    if "g" in cases:
+        X, y = wide_table(*glmm)
+        y = (y > np.median(y)).astype("float64")
+        cols = ["f0", "f1"]
+        formula = "y ~ " + " + ".join(c for c in X.columns if c not in cols)
+        formula += " + (1|f0) + (1|f1)"
+        shown = ["(Intercept)", "x0", "x1", "x2", "d0", "d1"]
+        runs += [
+            Run("g", "estimator (Laplace)", classifier_estimates(X, y, cols, shown)),
+            Run(
+                "g",
+                "mixedlm.glmer (Laplace)",
+                mixedlm_estimates(X, y, cols, formula, args.timeout, shown, binomial=True),
+            ),
+        ]
     # One untimed tiny fit of each kind first: TensorFlow's one-off start-up costs are not
     # charged to whichever configuration happens to run first.
     warm_frame, warm_y, warm_arrays = grouped_frame(2048, 10)
@@ -377,10 +419,12 @@ def main(argv=None):
         elif run.case == "b":
             plain = median["b", f"plain Keras, {small:,} groups"]
             ratio = f"estimator at defaults / plain = {seconds / plain:.2f}"
-        elif {(run.case, run.name), (run.case, "mixedlm.lmer (REML)")} & failed:
-            ratio = ""
         else:
-            ratio = f"{seconds / median[run.case, 'mixedlm.lmer (REML)']:.2f}x mixedlm"
+            oracle = "mixedlm.glmer (Laplace)" if run.case == "g" else "mixedlm.lmer (REML)"
+            if {(run.case, run.name), (run.case, oracle)} & failed:
+                ratio = ""
+            else:
+                ratio = f"{seconds / median[run.case, oracle]:.2f}x mixedlm"
         rows.append(
             {
                 "case": run.case,
@@ -424,6 +468,7 @@ def main(argv=None):
             "d": "4 crossed factors",
             "e": "a wide table, 2 crossed factors",
             "f": "slopes crossed with a wide factor",
+            "g": "a Bernoulli GLMM on a wide table",
         }
         described = {
             "a": f"a, b: epochs {args.epochs}, batch {args.batch_size}, 10 features.",
@@ -442,8 +487,14 @@ def main(argv=None):
             f"{slopes[1]:,} subjects and {slopes[2]:,} items, both REML, estimator defaults "
             "(group sds: the intercepts')."
         )
+        described["g"] = (
+            f"g: {glmm[0]:,} rows, case e's generator with crossed factors of {glmm[1][0]:,} "
+            f"and {glmm[1][1]:,} levels, 3 continuous features and {glmm[2]} sparse dummies, "
+            "y = 1 above the median, `RandomEffectsClassifier` at its defaults vs "
+            "`mixedlm.glmer` (Laplace)."
+        )
         described["b"] = described["a"]
-        chosen = [c for c in "abcdef" if c in cases]
+        chosen = [c for c in "abcdefg" if c in cases]
         goals = " Goals: 1M groups at most 1.5x the 1k fit; estimator / plain Keras <= 1.3."
         append(
             "Whole fit: SGD warm start + exact finish ("

@@ -1474,6 +1474,10 @@ class GeneralizedMixedModel:
         ]
         beta = np.array(beta, "float64")
         current = self._penalised_deviance(theta, offsets, beta)
+        zeros = [np.zeros_like(u) for u in offsets]
+        at_zero = self._penalised_deviance(theta, zeros, beta)
+        if at_zero < current or not np.isfinite(current):  # a warm start from far off: u = 0
+            offsets, current = zeros, at_zero
         for _ in range(_MAX_PIRLS_STEPS):
             with np.errstate(over="ignore", invalid="ignore"):  # found below, as None
                 system = self._working_system(theta, offsets, beta, free_beta)
@@ -1487,6 +1491,8 @@ class GeneralizedMixedModel:
                     break
                 new_offsets = [(a + b) / 2.0 for a, b in zip(offsets, new_offsets)]
                 new_beta = (beta + new_beta) / 2.0
+            if not np.isfinite(value):
+                return offsets, beta, np.inf, None
             change = current - value
             offsets, beta, current = new_offsets, new_beta, value
             if abs(change) <= 1e-12 * (1.0 + abs(current)):
@@ -1533,26 +1539,31 @@ class GeneralizedMixedModel:
             return value + scale_penalty(trial)
 
         if num_scales:
+            # stage one only starts stage two, which refines theta with beta: forward
+            # differences (one PIRLS per scale, where central ones take two)
             result = optimize.minimize(
                 stage_one,
                 layout.to_search(theta, every),
                 method="L-BFGS-B",
                 bounds=bounds,
-                jac="3-point",
+                jac="2-point",
             )
             theta = layout.from_search(result.x, every)
 
-        def stage_two_at(values, state):
+        def stage_two_value(values):
+            """The objective alone, from the mode at the current point (which it keeps)."""
             trial = layout.from_search(values[:num_scales], every)
-            value, gradient = self._laplace_and_gradient(
-                trial, values[num_scales:] / column_scale, state
-            )
-            return value + scale_penalty(trial), gradient / column_scale
+            beta = values[num_scales:] / column_scale
+            return self._laplace_objective(trial, beta, dict(state)) + scale_penalty(trial)
 
         def stage_two(values):
             """The Laplace deviance and its gradient: beta's analytic, theta's by central
             differences (one-sided at a bound), each from the mode at `values`."""
-            value, beta_gradient = stage_two_at(values, state)
+            trial = layout.from_search(values[:num_scales], every)
+            value, beta_gradient = self._laplace_and_gradient(
+                trial, values[num_scales:] / column_scale, state
+            )
+            value, beta_gradient = value + scale_penalty(trial), beta_gradient / column_scale
             scale_gradient = np.empty(num_scales)
             for j, (lower, upper) in enumerate(bounds):
                 step = _CENTRAL_STEP * max(1.0, abs(values[j]))
@@ -1563,9 +1574,7 @@ class GeneralizedMixedModel:
                     ahead = values
                 elif values[j] - behind[j] < step:
                     behind = values
-                difference = (
-                    stage_two_at(ahead, dict(state))[0] - stage_two_at(behind, dict(state))[0]
-                )
+                difference = stage_two_value(ahead) - stage_two_value(behind)
                 scale_gradient[j] = difference / (ahead[j] - behind[j])
             return value, np.concatenate([scale_gradient, beta_gradient])
 

@@ -400,6 +400,34 @@ def test_laplace_beta_gradient_matches_central_differences(case):
     assert gradient == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
+def test_pirls_from_a_far_warm_start_finds_the_mode_from_zero():
+    # L-BFGS-B's first step in theta can be long (0.5 -> 31 on a wide Bernoulli table):
+    # the previous mode's u, scaled up with Lambda, gives exp(eta) ~ 1e50 here, and PIRLS
+    # from it overflowed at every step (an infinite deviance, 100 wasted working systems)
+    from reffects.finish import GeneralizedMixedModel
+    from reffects.likelihoods import get_likelihood
+
+    load, _, response, _, features, factors, family = GLMM_CASES["grouseticks"]
+    frame = load()
+    y = frame[response].to_numpy(float)
+    design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
+    codes, levels = _codes(frame, factors)
+    width = design.shape[1]
+    model = GeneralizedMixedModel(
+        get_likelihood(family), y, np.ones(len(y)), design, codes, levels,
+        np.zeros(width), np.zeros(width), 0.0,
+    )  # fmt: skip
+    zeros = [np.zeros(g) for g in levels]
+    offsets, beta, _ = model.pirls(np.full(3, 0.5), zeros, np.zeros(width))
+    far = np.full(3, 20.0)
+    assert model._penalised_deviance(far, offsets, beta) > 1e40
+    _, _, from_warm = model.pirls(far, offsets, beta)
+    _, _, from_zero = model.pirls(far, zeros, beta)
+    assert np.isfinite(from_zero)
+    # the same mode (PIRLS converges to 1e-12 relative)
+    assert from_warm == pytest.approx(from_zero, rel=1e-9)
+
+
 def test_glmm_estimator_matches_glmer_at_defaults():
     load, formula, response, trials, features, factors, family = GLMM_CASES["cbpp"]
     frame, sds, fixed, se = _glmer_oracle("cbpp")
