@@ -29,6 +29,9 @@ g. A GLMM on a wide table: case e's generator at 20,000 rows, factors of 8,000 a
    levels, 3 continuous features and 60 sparse dummies, y = 1 where e's response is above
    its median; `RandomEffectsClassifier` at its defaults (glmer's Laplace fit, no SGD) vs
    `mixedlm.glmer` (binomial, Laplace).
+h. A Poisson GLMM past the dense limit: 30,000 rows, crossed factors of 12,000, 6,000 and
+   30 levels (over 5,000 coefficients beside the largest, so M is factored sparse), one
+   feature; `RandomEffectsRegressor(family="poisson")` at its defaults vs `mixedlm.glmer`.
 
 mixedlm runs in a child process that times `lmer` (`glmer`) alone and is stopped after `--timeout`
 seconds; a configuration that timed out is not fitted again. Errors and time-outs are
@@ -165,8 +168,11 @@ data, formula, group_cols, reported = pickle.load(open(sys.argv[1], "rb"))
 start = time.perf_counter()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    if "binomial" in sys.argv[2:]:
+    family = sys.argv[2] if len(sys.argv) > 2 else None
+    if family == "binomial":
         result = mixedlm.glmer(formula, data, family=mixedlm.families.Binomial())
+    elif family == "poisson":
+        result = mixedlm.glmer(formula, data, family=mixedlm.families.Poisson())
     else:
         result = mixedlm.lmer(formula, data, REML=True)
 seconds = time.perf_counter() - start
@@ -175,7 +181,7 @@ print(json.dumps({
     "seconds": seconds,
     "fixed": {k: float(v) for k, v in result.fixef().items() if reported is None or k in reported},
     "sd": {g: float(groups[g].stddev["(Intercept)"]) for g in group_cols},
-    "noise": float(result.sigma) if "binomial" not in sys.argv[2:] else float("nan"),
+    "noise": float("nan") if family else float(result.sigma),
 }))
 """
 
@@ -184,9 +190,9 @@ class TimedOut(Exception):
     """A fit that gave no result within the time limit."""
 
 
-def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None, binomial=False):
-    """`mixedlm.lmer` (REML; `binomial`: `mixedlm.glmer`, Laplace) in a child process,
-    stopped after `timeout` seconds.
+def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None, family=None):
+    """`mixedlm.lmer` (REML; `family` "binomial" or "poisson": `mixedlm.glmer`, Laplace) in
+    a child process, stopped after `timeout` seconds.
 
     The child times the fit itself (reading the data and importing mixedlm are not counted).
     """
@@ -199,8 +205,7 @@ def mixedlm_estimates(X, y, group_cols, formula, timeout, reported=None, binomia
                 pickle.dump((data, formula, group_cols, reported), handle)
             try:
                 child = subprocess.run(
-                    [sys.executable, "-c", _MIXEDLM_CHILD, path]
-                    + (["binomial"] if binomial else []),
+                    [sys.executable, "-c", _MIXEDLM_CHILD, path] + ([family] if family else []),
                     capture_output=True,
                     text=True,
                     timeout=timeout,
@@ -241,6 +246,34 @@ def wide_table(num_rows, num_levels, num_dummies, seed=0):
     for j in range(num_dummies):
         X[f"d{j}"] = dummies[:, j]
     return X, y
+
+
+def poisson_estimates(X, y, group_cols):
+    """`RandomEffectsRegressor(family="poisson")` at its defaults, reported as
+    `estimator_estimates`."""
+
+    def fit(repeat):
+        est = RandomEffectsRegressor(group_cols=group_cols, family="poisson", random_state=repeat)
+        est.fit(X, y)
+        features = [c for c in X.columns if c not in group_cols]
+        fixed = {"(Intercept)": est.intercept_, **dict(zip(features, est.coef_))}
+        return {"fixed": fixed, "sd": dict(est.variance_components_), "noise": np.nan}
+
+    return fit
+
+
+def crossed_counts(num_rows, num_levels, seed=0):
+    """Case h's data: Poisson counts, log rate 0.2 + 0.5 x + one random intercept per
+    factor (sds 0.6, 0.4, 0.3, ... in turn), the factors crossed at random."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=num_rows)
+    log_rate = 0.2 + 0.5 * x
+    X = pd.DataFrame({"x": x})
+    for k, levels in enumerate(num_levels):
+        codes = rng.integers(0, levels, num_rows)
+        log_rate = log_rate + rng.normal(0.0, [0.6, 0.4, 0.3, 0.2][k % 4], levels)[codes]
+        X[f"f{k}"] = codes
+    return X, rng.poisson(np.exp(log_rate)).astype("float64")
 
 
 def classifier_estimates(X, y, group_cols, reported):
@@ -288,7 +321,11 @@ def main(argv=None):
         "--timeout", type=float, default=300.0, help="seconds per mixedlm fit; then not repeated"
     )
     parser.add_argument(
-        "--cases", nargs="+", choices=list("abcdefg"), default=list("abcdefg"), help="cases to run"
+        "--cases",
+        nargs="+",
+        choices=list("abcdefgh"),
+        default=list("abcdefgh"),
+        help="cases to run",
     )
     parser.add_argument("--no-insteval", action="store_true", help="skip lme4's InstEval")
     parser.add_argument("--quick", action="store_true", help="smoke size, print only")
@@ -300,6 +337,7 @@ def main(argv=None):
     wide = (800, [300, 15], 10) if args.quick else (80_000, [30_000, 1_500], 150)
     slopes = (600, 40, 60) if args.quick else (30_000, 2_000, 600)
     glmm = (800, [300, 15], 10) if args.quick else (20_000, [8_000, 400], 60)
+    counts = (3000, [1_500, 1_300, 30]) if args.quick else (30_000, [12_000, 6_000, 30])
     if args.no_insteval:
         args.cases = [c for c in args.cases if c != "c"]
     cases = set(args.cases)
@@ -394,7 +432,19 @@ def main(argv=None):
             Run(
                 "g",
                 "mixedlm.glmer (Laplace)",
-                mixedlm_estimates(X, y, cols, formula, args.timeout, shown, binomial=True),
+                mixedlm_estimates(X, y, cols, formula, args.timeout, shown, "binomial"),
+            ),
+        ]
+    if "h" in cases:
+        X, y = crossed_counts(*counts)
+        cols = [c for c in X.columns if c.startswith("f")]
+        formula = "y ~ x + " + " + ".join(f"(1|{c})" for c in cols)
+        runs += [
+            Run("h", "estimator (Laplace)", poisson_estimates(X, y, cols)),
+            Run(
+                "h",
+                "mixedlm.glmer (Laplace)",
+                mixedlm_estimates(X, y, cols, formula, args.timeout, family="poisson"),
             ),
         ]
     # One untimed tiny fit of each kind first: TensorFlow's one-off start-up costs are not
@@ -420,7 +470,8 @@ def main(argv=None):
             plain = median["b", f"plain Keras, {small:,} groups"]
             ratio = f"estimator at defaults / plain = {seconds / plain:.2f}"
         else:
-            oracle = "mixedlm.glmer (Laplace)" if run.case == "g" else "mixedlm.lmer (REML)"
+            glmm = run.case in ("g", "h")
+            oracle = "mixedlm.glmer (Laplace)" if glmm else "mixedlm.lmer (REML)"
             if {(run.case, run.name), (run.case, oracle)} & failed:
                 ratio = ""
             else:
@@ -469,6 +520,7 @@ def main(argv=None):
             "e": "a wide table, 2 crossed factors",
             "f": "slopes crossed with a wide factor",
             "g": "a Bernoulli GLMM on a wide table",
+            "h": "a Poisson GLMM past the dense limit",
         }
         described = {
             "a": f"a, b: epochs {args.epochs}, batch {args.batch_size}, 10 features.",
@@ -493,8 +545,14 @@ def main(argv=None):
             "y = 1 above the median, `RandomEffectsClassifier` at its defaults vs "
             "`mixedlm.glmer` (Laplace)."
         )
+        described["h"] = (
+            f"h: {counts[0]:,} rows, Poisson, crossed factors of "
+            + " / ".join(f"{n:,}" for n in counts[1])
+            + " levels, one feature, `RandomEffectsRegressor(family='poisson')` at its "
+            "defaults vs `mixedlm.glmer` (Laplace)."
+        )
         described["b"] = described["a"]
-        chosen = [c for c in "abcdefg" if c in cases]
+        chosen = [c for c in "abcdefgh" if c in cases]
         goals = " Goals: 1M groups at most 1.5x the 1k fit; estimator / plain Keras <= 1.3."
         append(
             "Whole fit: SGD warm start + exact finish ("

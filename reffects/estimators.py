@@ -576,14 +576,15 @@ class _MixedModelEstimator(BaseEstimator):
         """Whether the exact finish can fit this model (`finish.exact_finish_fits`); warns
         when it cannot: the fit is then SGD's alone."""
         num_levels, num_terms, num_fixed = self._finish_size(data)
-        gaussian = isinstance(likelihood, Gaussian)
-        if finish.exact_finish_fits(num_levels, num_terms, num_fixed, gaussian):
+        sparse_ok = not isinstance(likelihood, Categorical)  # K > 2 classes: dense only
+        if finish.exact_finish_fits(num_levels, num_terms, num_fixed, sparse_ok):
             return True
         dense = finish.dense_coefficients(num_levels, num_terms, num_fixed)
         warnings.warn(
             f"the exact finish factors the coefficients of every grouping factor but the "
             f"largest plus the fixed effects densely, at most {finish.MAX_DENSE_LEVELS}, "
-            "beyond which it covers Gaussian models of random intercepts only; this model "
+            "beyond which it covers one term per factor (random intercepts) and two "
+            "classes at most; this model "
             f"has {dense}. It is fitted by SGD alone (the default schedule, about 4,000 "
             "steps, unless `epochs` is set): the posterior is the variational one, each "
             "group independent of the others and of the fixed effects (`joint_posterior_` "

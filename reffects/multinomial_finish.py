@@ -138,6 +138,7 @@ class MultinomialMixedModel(GeneralizedMixedModel):
         self.terms = [np.broadcast_to(1.0, (num_rows, d)) for _ in self.codes]
         self.correlated = [False] * len(self.codes)
         self.covariance_factors = CovarianceFactors([d] * len(self.codes), self.correlated)
+        self.sparse = False  # K - 1 terms a factor: the dense finish only
         self.held = _held_logits(held, num_rows, self.num_classes)
 
     def _predictor(self, theta, offsets, beta):

@@ -1,4 +1,4 @@
-"""The exact Gaussian finish for crossed factors too wide to factor densely.
+"""The exact finish for crossed factors too wide to factor densely.
 
 `finish.LinearMixedSystem` eliminates the largest factor and factors the Schur complement
 over every other factor's levels dense, up to `finish.MAX_DENSE_LEVELS` of them. Crossed
@@ -23,6 +23,10 @@ REML (or ML) ones. Two things differ:
   precision matrices", JCGS 27(4)) from `_VARIANCE_DRAWS` fixed-seed draws of
   N(0, M^-1): the exact part 1 / M_ii plus a sampled correction. Offsets of different
   factors are taken as independent given beta.
+
+`finish.GeneralizedMixedModel` builds its PIRLS working systems on it past
+`finish.GLMM_DENSE_LEVELS` (`reuse` shares the ordering between them); there the fixed
+effects' gradient is taken by central differences, for the same want of diag(M^-1).
 
 One term per group (a random intercept, or a slope without it): a factor with more beyond
 the dense limit is fitted by SGD.
@@ -71,7 +75,10 @@ class SparseMixedSystem(LinearMixedSystem):
     """`LinearMixedSystem` for factors of one term each, factoring M sparse.
 
     Args: as `LinearMixedSystem`'s, without `correlated`; `terms` per factor its `(n, 1)`
-    term, or None for a random intercept (the default).
+    term, or None for a random intercept (the default). `reuse`: an earlier system whose
+    symbolic factorisation (the fill-reducing ordering, most of a factorisation's cost) is
+    shared when M's pattern is the same, as for GLMM's working systems. Each `solve`
+    factors numerically before it reads the factor, so sharing it changes no result.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -97,6 +104,7 @@ class SparseMixedSystem(LinearMixedSystem):
         prior_precision,
         terms=None,
         rows=None,
+        reuse=None,
     ):
         self._set_common(
             response, weights, design, num_levels, prior_mean, prior_precision, terms, None, rows
@@ -128,8 +136,17 @@ class SparseMixedSystem(LinearMixedSystem):
         self._moment = np.concatenate([weighted_z.T @ response, weighted_design.T @ response])
         self._row_index = matrix(self._rows.astype("int32"))
         self._column_index = matrix(self._columns.astype("int32"))
-        with _supernodal():
-            self._factor = cholmod.symbolic(self._matrix(np.ones(len(self.num_levels)), 1.0))
+        same_pattern = (
+            reuse is not None
+            and np.array_equal(reuse._rows, self._rows)
+            and np.array_equal(reuse._columns, self._columns)
+        )
+        if same_pattern:
+            self._factor = reuse._factor
+        else:
+            with _supernodal():
+                start = self._matrix(np.ones(len(self.num_levels)), 1.0)
+                self._factor = cholmod.symbolic(start)
 
     def _has_gradient(self) -> bool:
         return False
@@ -215,6 +232,13 @@ class SparseMixedSystem(LinearMixedSystem):
             "log_det_fixed": log_det_fixed,
             "residual": max(residual, 0.0),
         }
+
+    def coefficients(self, pls):
+        """The per-factor u, `(G_k, 1)` each, and beta in a `solve` result."""
+        bounds = np.cumsum([0, *self.num_levels])
+        solution = pls["solution"]
+        offsets = [solution[a:b, None] for a, b in zip(bounds, bounds[1:])]
+        return offsets, solution[self.num_random :]
 
     def posterior(self, theta, noise_scale) -> GroupsGivenFixedPosterior:
         """The posterior of (beta, every b_k) given theta and s, on b's scale: exact but

@@ -428,6 +428,42 @@ def test_pirls_from_a_far_warm_start_finds_the_mode_from_zero():
     assert from_warm == pytest.approx(from_zero, rel=1e-9)
 
 
+@pytest.mark.parametrize("family", ["bernoulli", "poisson"])
+def test_sparse_laplace_fit_equals_the_dense_one(family, monkeypatch):
+    # the same Laplace deviance, M factored sparse (CHOLMOD) or by eliminating the largest
+    # factor: one optimum, to the optimizers' tolerance
+    import reffects.finish
+    from reffects.finish import GeneralizedMixedModel
+    from reffects.likelihoods import get_likelihood
+
+    rng = np.random.default_rng(3)
+    a, b, x = rng.integers(0, 150, 3000), rng.integers(0, 100, 3000), rng.normal(size=3000)
+    eta = -0.3 + 0.6 * x + rng.normal(0, 0.8, 150)[a] + rng.normal(0, 0.5, 100)[b]
+    if family == "bernoulli":
+        y = rng.binomial(1, 1 / (1 + np.exp(-eta))).astype(float)
+    else:
+        y = rng.poisson(np.exp(eta)).astype(float)
+    design = np.column_stack([np.ones(3000), x])
+    fits = {}
+    for limit in (1000, 50):  # 50: past the dense limit (100 levels + 2 beside the largest)
+        monkeypatch.setattr(reffects.finish, "GLMM_DENSE_LEVELS", limit)
+        model = GeneralizedMixedModel(
+            get_likelihood(family), y, np.ones(3000), design, [a, b], [150, 100],
+            np.zeros(2), np.zeros(2), 0.0,
+        )  # fmt: skip
+        start = [np.zeros((150, 1)), np.zeros((100, 1))]
+        theta, offsets, beta = model.fit(np.ones(2), start, np.zeros(2))
+        fits[model.sparse] = (theta, beta, model.posterior(theta, offsets, beta))
+    dense, sparse = fits[False], fits[True]
+    assert sparse[0] == pytest.approx(dense[0], rel=RELATIVE)
+    assert sparse[1] == pytest.approx(dense[1], rel=RELATIVE)
+    assert sparse[2].fixed_sd() == pytest.approx(dense[2].fixed_sd(), rel=RELATIVE)
+    for k in (0, 1):
+        assert sparse[2].offset_mean(k) == pytest.approx(dense[2].offset_mean(k), abs=1e-4)
+        # 250 offsets, all within the sparse posterior's exact variances
+        assert sparse[2].offset_sd(k) == pytest.approx(dense[2].offset_sd(k), rel=RELATIVE)
+
+
 def test_glmm_estimator_matches_glmer_at_defaults():
     load, formula, response, trials, features, factors, family = GLMM_CASES["cbpp"]
     frame, sds, fixed, se = _glmer_oracle("cbpp")
@@ -442,6 +478,35 @@ def test_glmm_estimator_matches_glmer_at_defaults():
     assert np.r_[est.intercept_, est.coef_] == pytest.approx(fixed, abs=5e-3)
     assert est.variance_components_["herd"] == pytest.approx(sds[0], abs=5e-3)
     assert table["sd"].to_numpy() == pytest.approx(se, rel=5e-3)
+
+
+def test_glmm_estimator_past_the_dense_limit_matches_glmer():
+    # crossed factors of 1,500 and 1,300 levels: about 1,200 coefficients beside the
+    # largest factor, past the GLMM's dense limit, so M is factored sparse
+    from reffects.joint_posterior import GroupsGivenFixedPosterior
+
+    rng = np.random.default_rng(7)
+    rows = 3000
+    a, b, c = rng.integers(0, 1500, rows), rng.integers(0, 1300, rows), rng.integers(0, 30, rows)
+    x = rng.normal(size=rows)
+    eta = 0.2 + 0.5 * x + rng.normal(0, 0.6, 1500)[a] + rng.normal(0, 0.4, 1300)[b]
+    y = rng.poisson(np.exp(eta + rng.normal(0, 0.3, 30)[c]))
+    X = pd.DataFrame({"a": a, "b": b, "c": c, "x": x})
+    est = RandomEffectsRegressor(group_cols=["a", "b", "c"], family="poisson", random_state=0)
+    est.fit(X, y)
+    assert isinstance(est.joint_posterior_, GroupsGivenFixedPosterior)
+
+    frame = X.assign(y=y.astype(float), **{g: X[g].astype(str) for g in "abc"})
+    fit = mixedlm.glmer("y ~ x + (1|a) + (1|b) + (1|c)", frame, family=mixedlm.families.Poisson())
+    groups = fit.VarCorr().groups
+    # as on cbpp, the estimators' Normal(0, 10) prior on beta moves it by ~1e-4 here (its
+    # precision over the data's); the scales are glmer's Laplace optimum
+    assert np.r_[est.intercept_, est.coef_] == pytest.approx(list(fit.fixef().values()), abs=1e-3)
+    for g in "abc":
+        sd = groups[g].stddev["(Intercept)"]
+        assert est.variance_components_[g] == pytest.approx(sd, rel=RELATIVE, abs=1e-3)
+    se = np.sqrt(np.diag(np.asarray(fit.vcov())))
+    assert inspection.fixed_effects(est)["sd"].to_numpy() == pytest.approx(se, rel=RELATIVE)
 
 
 @pytest.mark.slow  # 45 s on 2 cores: in CI's slow run

@@ -1,18 +1,21 @@
-"""Designs too large for the exact finish: SGD's variational posterior, with a warning.
+"""Designs too large for the dense finish: the sparse one, or SGD's variational posterior
+with a warning.
 
 The finish factors every grouping factor's coefficients but the largest's densely, at most
-`finish.MAX_DENSE_LEVELS` (4,000); past it, Gaussian random intercepts go to the sparse
-finish (tests/test_sparse_finish.py), and random slopes or other likelihoods keep SGD's
-answer: the estimators say so and still predict with intervals. The limit is lowered here
-so that a small crossed design crosses it.
+`finish.MAX_DENSE_LEVELS` (4,000); past it, random intercepts go to the sparse finish
+(tests/test_sparse_finish.py; GLMMs in tests/test_finish.py), and random slopes or K > 2
+classes keep SGD's answer: the estimators say so and still predict with intervals. The
+limit is lowered here so that a small crossed design crosses it.
 """
+
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from reffects import RandomEffectsClassifier, RandomEffectsRegressor, finish, inspection
-from reffects.joint_posterior import IndependentGroupsPosterior
+from reffects.joint_posterior import GroupsGivenFixedPosterior, IndependentGroupsPosterior
 
 
 def _crossed(num_rows, seed=0):
@@ -30,7 +33,7 @@ def test_a_design_past_the_dense_limit_is_fitted_by_sgd_with_a_warning(monkeypat
     train, test = slice(0, 2000), slice(2000, None)
     # a slope on b (its variance 0 in the data): past the limit, not a sparse finish's model
     est = RandomEffectsRegressor(group_cols=["a", "b"], random_slopes={"b": ["x"]}, random_state=0)
-    match = r"at most 30, beyond .* random intercepts only; this model has 63\. It is fitted by SGD"
+    match = r"at most 30, beyond .* one term per factor .*; this model has 63\. It is fitted by SGD"
     with pytest.warns(UserWarning, match=match):
         est.fit(X[train], y[train])
     assert isinstance(est.joint_posterior_, IndependentGroupsPosterior)
@@ -53,16 +56,25 @@ def test_a_design_past_the_dense_limit_is_fitted_by_sgd_with_a_warning(monkeypat
     assert 0.87 <= covered <= 0.93
 
 
-def test_a_classifier_past_the_dense_limit_predicts_probabilities(monkeypatch):
-    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 30)
+def test_a_classifier_past_the_dense_limit_gets_the_sparse_laplace_finish(monkeypatch):
     X, eta = _crossed(1500, seed=2)
     labels = np.random.default_rng(3).random(1500) < 1.0 / (1.0 + np.exp(-eta))
-    clf = RandomEffectsClassifier(group_cols=["a", "b"], epochs=5, random_state=0)
-    with pytest.warns(UserWarning, match="fitted by SGD alone"):
+    dense = RandomEffectsClassifier(group_cols=["a", "b"], random_state=0).fit(X, labels)
+    monkeypatch.setattr(finish, "MAX_DENSE_LEVELS", 30)  # b's 41 levels + 2 fixed effects
+    clf = RandomEffectsClassifier(group_cols=["a", "b"], random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "fitted by SGD alone"
         clf.fit(X, labels)
+    assert isinstance(clf.joint_posterior_, GroupsGivenFixedPosterior)
+    # the same Laplace fit, M factored sparse: glmer's optimum both times
+    assert np.r_[clf.intercept_, clf.coef_] == pytest.approx(
+        np.r_[dense.intercept_, dense.coef_], rel=1e-3
+    )
+    for g in ("a", "b"):
+        assert clf.variance_components_[g] == pytest.approx(dense.variance_components_[g], rel=1e-3)
     proba = clf.predict_proba(X)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
-    assert np.mean(clf.predict(X) == labels) > 0.6
+    np.testing.assert_allclose(proba, dense.predict_proba(X), atol=1e-3)
 
 
 def test_independent_groups_posterior_moments_match_its_draws():
