@@ -78,12 +78,14 @@ def test_overhead_and_groups_scale_smoke(capsys):
     assert "per-round ratio" in out and "ratio to first" in out
 
 
-# Five whole fits plus two warm-up fits and mixedlm, about 8 s on two cores.
+# Every case's fits at smoke size plus two warm-up fits and mixedlm (lmer and glmer; case
+# h's Poisson model past the GLMM's dense limit, about 10 s of it), about 25 s on two cores.
 @pytest.mark.slow
 def test_finish_speed_smoke(capsys):
     _load("finish_speed").main(["--quick"])
     out = capsys.readouterr().out
     assert "estimator / plain" in out and "mixedlm.lmer (REML)" in out and "finish s" in out
+    assert "mixedlm.glmer (Laplace)" in out
 
 
 # Part 1 at 150 groups and part 2 at 3,000 rows with two epochs, both with mixedlm: about
