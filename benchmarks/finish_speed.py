@@ -31,7 +31,8 @@ g. A GLMM on a wide table: case e's generator at 20,000 rows, factors of 8,000 a
    `mixedlm.glmer` (binomial, Laplace).
 h. A Poisson GLMM past the dense limit: 8,000 rows, crossed factors of 3,000, 2,000 and
    30 levels (about 1,900 coefficients beside the largest, past the GLMM's dense limit of
-   1,000, so M is factored sparse), one feature; `RandomEffectsRegressor(family="poisson")` at its defaults vs `mixedlm.glmer`.
+   1,000, so M is factored sparse), one feature; `RandomEffectsRegressor(family="poisson")`
+   at its defaults vs `mixedlm.glmer`.
 
 mixedlm runs in a child process that times `lmer` (`glmer`) alone and is stopped after `--timeout`
 seconds; a configuration that timed out is not fitted again. Errors and time-outs are
