@@ -50,6 +50,8 @@ from reffects.layers import RandomEffects
 from reffects.likelihoods import Poisson
 
 MAX_DENSE_LEVELS = 4000
+"""The largest Schur complement (levels of every factor but the largest, plus the fixed
+effects) factored dense."""
 GLMM_DENSE_LEVELS = 1000
 """A GLMM's dense limit, lower than a linear model's: its fit factors M hundreds of times
 (PIRLS at each evaluation), not fifty. Past it, factors of one term each are factored
@@ -58,8 +60,6 @@ inversion). Poisson, 6,000 rows, crossed factors of 3,000 / 400-1,000 / 30 level
 fixed effects: dense 5.4 s and sparse 6.8 s at 430 columns, 21.7 s and 9.0 s at 1,030.
 A Bernoulli model with 464 columns, 64 of them fixed effects (`benchmarks/finish_speed.py`
 case g): dense 14 s, sparse 130 s."""
-"""The largest Schur complement (levels of every factor but the largest, plus the fixed
-effects) factored dense."""
 
 _RIDGE_TOLERANCE = 1e-7
 """Relative change of s^2 at which the prior's ridge s^2 P0 is taken as settled: beta's weak

@@ -96,3 +96,11 @@ def test_random_slopes_smoke(capsys):
     out = capsys.readouterr().out
     assert "corr (Intercept), x0" in out and "time / lmer" in out
     assert "(a) reffects slopes + (64, 32)" in out and "LMMNN (published" in out
+
+
+# One problem (100 levels beside 3,000), each path once: about 10 s on two cores.
+@pytest.mark.slow
+def test_glmm_dense_limit_smoke(capsys):
+    _load("glmm_dense_limit").main(["--levels", "100", "--repeats", "1", "--no-append"])
+    out = capsys.readouterr().out
+    assert "sparse / dense" in out and "max |theta difference|" in out
