@@ -56,10 +56,11 @@ GLMM_DENSE_LEVELS = 1000
 """A GLMM's dense limit, lower than a linear model's: its fit factors M hundreds of times
 (PIRLS at each evaluation), not fifty. Past it, factors of one term each are factored
 sparse, whose fixed effects' gradient takes two PIRLS runs a coefficient (no selected
-inversion). Poisson, 6,000 rows, crossed factors of 3,000 / 400-1,000 / 30 levels and 2
-fixed effects: dense 5.4 s and sparse 6.8 s at 430 columns, 21.7 s and 9.0 s at 1,030.
-A Bernoulli model with 464 columns, 64 of them fixed effects (`benchmarks/finish_speed.py`
-case g): dense 14 s, sparse 130 s."""
+inversion). `benchmarks/glmm_dense_limit.py` (Poisson, 6,000 rows, 2 fixed effects):
+dense 6.6 s and sparse 7.7 s at 432 columns, 17.5 s and 7.0 s at 1,032, 62 s and 9.9 s at
+1,532. With many fixed effects the sparse path costs more: on `benchmarks/finish_speed.py`
+case g (464 columns, 64 of them fixed effects) one fit with the limit lowered took 130 s,
+against 14 s dense."""
 
 _RIDGE_TOLERANCE = 1e-7
 """Relative change of s^2 at which the prior's ridge s^2 P0 is taken as settled: beta's weak
