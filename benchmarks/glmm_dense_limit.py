@@ -1,6 +1,6 @@
 """Where a GLMM's sparse working systems overtake the dense ones (`finish.GLMM_DENSE_LEVELS`).
 
-    python benchmarks/glmm_dense_limit.py [--levels 400 1000 2000] [--repeats 3]
+    python benchmarks/glmm_dense_limit.py [--levels 400 1000 1500] [--repeats 3]
 
 Poisson counts on 6,000 rows: log rate 0.2 + 0.5 x plus random intercepts of three crossed
 factors, 3,000 levels, `--levels` levels (one problem each) and 30 levels, so that the
@@ -52,7 +52,7 @@ def fit(y, design, codes, levels, sparse):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", type=int, nargs="+", default=[400, 1000, 2000])
+    parser.add_argument("--levels", type=int, nargs="+", default=[400, 1000, 1500])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-append", action="store_true", help="print only")
     args = parser.parse_args(argv)
