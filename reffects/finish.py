@@ -1606,18 +1606,7 @@ class GeneralizedMixedModel:
                 trial, values[num_scales:] / column_scale, state
             )
             value, beta_gradient = value + scale_penalty(trial), beta_gradient / column_scale
-            scale_gradient = np.empty(num_scales)
-            for j, (lower, upper) in enumerate(bounds):
-                step = _CENTRAL_STEP * max(1.0, abs(values[j]))
-                ahead, behind = values.copy(), values.copy()
-                ahead[j] = min(values[j] + step, upper if upper is not None else np.inf)
-                behind[j] = max(values[j] - step, lower if lower is not None else -np.inf)
-                if ahead[j] - values[j] < step:  # at the upper bound
-                    ahead = values
-                elif values[j] - behind[j] < step:
-                    behind = values
-                difference = stage_two_value(ahead) - stage_two_value(behind)
-                scale_gradient[j] = difference / (ahead[j] - behind[j])
+            scale_gradient = _central_differences(stage_two_value, values, bounds)
             return value, np.concatenate([scale_gradient, beta_gradient])
 
         # beta in units of its column's root mean square, so that one step moves every
@@ -1690,16 +1679,11 @@ class GeneralizedMixedModel:
         a coefficient): the sparse system's posterior has no exact diag of Z Lambda M^-1
         Lambda' Z' (a selected inversion that CHOLMOD does not offer)."""
         value = self._laplace_objective(theta, beta, state)
-        gradient = np.empty(len(beta))
-        for j in range(len(beta)):
-            step = _CENTRAL_STEP * max(1.0, abs(beta[j]))
-            ahead, behind = beta.copy(), beta.copy()
-            ahead[j] += step
-            behind[j] -= step
-            difference = self._laplace_objective(
-                theta, ahead, dict(state)
-            ) - self._laplace_objective(theta, behind, dict(state))
-            gradient[j] = difference / (2.0 * step)
+        gradient = _central_differences(
+            lambda trial: self._laplace_objective(theta, trial, dict(state)),
+            beta,
+            [(None, None)] * len(beta),
+        )
         return value, gradient
 
     @_one_blas_thread
@@ -1739,6 +1723,24 @@ class GeneralizedMixedModel:
 _MAX_PIRLS_STEPS = 100
 _CENTRAL_STEP = np.finfo(float).eps ** (1 / 3)  # scipy's for "3-point" differences
 _OVERFLOW_DEVIANCE = 1e100
+
+
+def _central_differences(function, point, bounds):
+    """The gradient of `function` at `point` in its first `len(bounds)` coordinates, by
+    central differences, one-sided where a step would cross a bound ((lower, upper), None
+    for none)."""
+    gradient = np.empty(len(bounds))
+    for j, (lower, upper) in enumerate(bounds):
+        step = _CENTRAL_STEP * max(1.0, abs(point[j]))
+        ahead, behind = point.copy(), point.copy()
+        ahead[j] += step
+        behind[j] -= step
+        if upper is not None and ahead[j] > upper:
+            ahead = point
+        elif lower is not None and behind[j] < lower:
+            behind = point
+        gradient[j] = (function(ahead) - function(behind)) / (ahead[j] - behind[j])
+    return gradient
 
 
 def _coefficients(system, pls, beta, free_beta):
