@@ -5,7 +5,7 @@
     python benchmarks/finish_speed.py --quick    # smoke size, a few seconds
     python benchmarks/finish_speed.py --cases c d    # InstEval and the crossed factors alone
 
-Seven comparisons in one process (`--cases` names the ones to run; default all seven), every
+Eight comparisons in one process (`--cases` names the ones to run; default all eight), every
 configuration fitted `--repeats` times in turn (round 1 fits each configuration once, then
 round 2, ...) and reported as medians:
 
@@ -139,24 +139,29 @@ def plain_keras(arrays, y, num_groups, epochs, batch_size):
     return fit
 
 
-def estimator_estimates(X, y, group_cols, random_slopes=None, reported=None):
-    """The estimator at its defaults; `reported` names the fixed effects reported (default
-    all), the group sds are the intercepts'."""
+def estimator_estimates(
+    X, y, group_cols, random_slopes=None, reported=None, estimator=RandomEffectsRegressor, **params
+):
+    """The estimator (a `RandomEffectsRegressor`, or `estimator` with `params`) at its
+    defaults; `reported` names the fixed effects reported (default all), the group sds are
+    the intercepts', the noise scale a Gaussian model's (NaN otherwise)."""
 
     def fit(repeat):
-        est = RandomEffectsRegressor(
-            group_cols=group_cols, random_slopes=random_slopes, random_state=repeat
+        est = estimator(
+            group_cols=group_cols, random_slopes=random_slopes, random_state=repeat, **params
         ).fit(X, y)
         features = [c for c in X.columns if c not in group_cols]
-        fixed = {"(Intercept)": est.intercept_, **dict(zip(features, est.coef_))}
+        fixed = {"(Intercept)": float(np.ravel(est.intercept_)[-1])}
+        fixed.update(zip(features, np.ravel(est.coef_)))
         sds = {
             g: float(np.sqrt(est.random_effects_covariance_[g].to_numpy()[0, 0]))
             for g in group_cols
         }
+        gaussian = getattr(est, "family", None) == "gaussian"
         return {
             "fixed": {k: v for k, v in fixed.items() if reported is None or k in reported},
             "sd": sds,
-            "noise": est.noise_scale_,
+            "noise": est.noise_scale_ if gaussian else np.nan,
         }
 
     return fit
@@ -249,20 +254,6 @@ def wide_table(num_rows, num_levels, num_dummies, seed=0):
     return X, y
 
 
-def poisson_estimates(X, y, group_cols):
-    """`RandomEffectsRegressor(family="poisson")` at its defaults, reported as
-    `estimator_estimates`."""
-
-    def fit(repeat):
-        est = RandomEffectsRegressor(group_cols=group_cols, family="poisson", random_state=repeat)
-        est.fit(X, y)
-        features = [c for c in X.columns if c not in group_cols]
-        fixed = {"(Intercept)": est.intercept_, **dict(zip(features, est.coef_))}
-        return {"fixed": fixed, "sd": dict(est.variance_components_), "noise": np.nan}
-
-    return fit
-
-
 def crossed_counts(num_rows, num_levels, seed=0):
     """Case h's data: Poisson counts, log rate 0.2 + 0.5 x + one random intercept per
     factor (sds 0.6, 0.4, 0.3, ... in turn), the factors crossed at random."""
@@ -275,23 +266,6 @@ def crossed_counts(num_rows, num_levels, seed=0):
         log_rate = log_rate + rng.normal(0.0, [0.6, 0.4, 0.3, 0.2][k % 4], levels)[codes]
         X[f"f{k}"] = codes
     return X, rng.poisson(np.exp(log_rate)).astype("float64")
-
-
-def classifier_estimates(X, y, group_cols, reported):
-    """`RandomEffectsClassifier` at its defaults, reported as `estimator_estimates`."""
-
-    def fit(repeat):
-        est = RandomEffectsClassifier(group_cols=group_cols, random_state=repeat).fit(X, y)
-        features = [c for c in X.columns if c not in group_cols]
-        fixed = {"(Intercept)": float(np.ravel(est.intercept_)[-1])}
-        fixed.update(zip(features, np.ravel(est.coef_)))
-        sds = {
-            g: float(np.sqrt(est.random_effects_covariance_[g].to_numpy()[0, 0]))
-            for g in group_cols
-        }
-        return {"fixed": {k: fixed[k] for k in reported}, "sd": sds, "noise": np.nan}
-
-    return fit
 
 
 def slopes_crossed(num_rows, num_subjects, num_items, seed=0):
@@ -429,7 +403,11 @@ def main(argv=None):
         formula += " + (1|f0) + (1|f1)"
         shown = ["(Intercept)", "x0", "x1", "x2", "d0", "d1"]
         runs += [
-            Run("g", "estimator (Laplace)", classifier_estimates(X, y, cols, shown)),
+            Run(
+                "g",
+                "estimator (Laplace)",
+                estimator_estimates(X, y, cols, reported=shown, estimator=RandomEffectsClassifier),
+            ),
             Run(
                 "g",
                 "mixedlm.glmer (Laplace)",
@@ -441,7 +419,7 @@ def main(argv=None):
         cols = [c for c in X.columns if c.startswith("f")]
         formula = "y ~ x + " + " + ".join(f"(1|{c})" for c in cols)
         runs += [
-            Run("h", "estimator (Laplace)", poisson_estimates(X, y, cols)),
+            Run("h", "estimator (Laplace)", estimator_estimates(X, y, cols, family="poisson")),
             Run(
                 "h",
                 "mixedlm.glmer (Laplace)",

@@ -233,11 +233,16 @@ class SparseMixedSystem(LinearMixedSystem):
             "residual": max(residual, 0.0),
         }
 
+    def _per_factor(self, values):
+        """`values` over the random coefficients (factor by factor) split into one part
+        per factor."""
+        bounds = np.cumsum([0, *self.num_levels])
+        return [values[a:b] for a, b in zip(bounds, bounds[1:])]
+
     def coefficients(self, pls):
         """The per-factor u, `(G_k, 1)` each, and beta in a `solve` result."""
-        bounds = np.cumsum([0, *self.num_levels])
         solution = pls["solution"]
-        offsets = [solution[a:b, None] for a, b in zip(bounds, bounds[1:])]
+        offsets = [u[:, None] for u in self._per_factor(solution[: self.num_random])]
         return offsets, solution[self.num_random :]
 
     def posterior(self, theta, noise_scale) -> GroupsGivenFixedPosterior:
@@ -254,13 +259,12 @@ class SparseMixedSystem(LinearMixedSystem):
         coupling = variance * lam[:, None] * fixed_columns[: self.num_random]
         values = self._values(theta, variance)
         given_fixed = np.square(lam) * self._conditional_variances(values, fixed_columns)
-        bounds = np.cumsum([0, *self.num_levels])
         return GroupsGivenFixedPosterior(
             pls["solution"][fixed],
             fixed_covariance,
-            [mean[a:b, None] for a, b in zip(bounds, bounds[1:])],
-            [variance * given_fixed[a:b] for a, b in zip(bounds, bounds[1:])],
-            [coupling[a:b] for a, b in zip(bounds, bounds[1:])],
+            [m[:, None] for m in self._per_factor(mean)],
+            self._per_factor(variance * given_fixed),
+            self._per_factor(coupling),
         )
 
     def _conditional_variances(self, values, fixed_columns):

@@ -327,17 +327,25 @@ def _glmer_oracle(case):
     return frame, sds, fixed, se
 
 
+def _glmm_arrays(case, frame=None):
+    """A GLMM case's y, weights (trials or 1), design (intercept first), codes and levels."""
+    load, _, response, trials, features, factors, _ = GLMM_CASES[case]
+    frame = load() if frame is None else frame
+    y = frame[response].to_numpy(float)
+    weights = np.ones(len(y)) if trials is None else frame[trials].to_numpy(float)
+    design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
+    codes, levels = _codes(frame, factors)
+    return y, weights, design, codes, levels
+
+
 @pytest.mark.parametrize("case", sorted(GLMM_CASES))
 def test_laplace_kernel_matches_glmer(case):
     from reffects.finish import GeneralizedMixedModel
     from reffects.likelihoods import get_likelihood
 
-    load, formula, response, trials, features, factors, family = GLMM_CASES[case]
+    family = GLMM_CASES[case][-1]
     frame, sds, fixed, se = _glmer_oracle(case)
-    y = frame[response].to_numpy(float)
-    weights = np.ones(len(y)) if trials is None else frame[trials].to_numpy(float)
-    design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
-    codes, levels = _codes(frame, factors)
+    y, weights, design, codes, levels = _glmm_arrays(case, frame)
     width = design.shape[1]
     model = GeneralizedMixedModel(
         get_likelihood(family), y, weights, design, codes, levels,
@@ -365,13 +373,8 @@ def test_laplace_beta_gradient_matches_central_differences(case):
         extra, family = ([design], [True]), "bernoulli"
         theta = np.array([0.6, 0.1, 0.4])
     else:
-        load, _, response, trials, features, factors, family = GLMM_CASES[case]
-        frame = load()
-        y = frame[response].to_numpy(float)
-        weights = np.ones(len(y)) if trials is None else frame[trials].to_numpy(float)
-        design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
-        codes, levels = _codes(frame, factors)
-        extra, theta = (), np.full(len(levels), 0.7)
+        y, weights, design, codes, levels = _glmm_arrays(case)
+        family, extra, theta = GLMM_CASES[case][-1], (), np.full(len(levels), 0.7)
     width = design.shape[1]
     # a weak prior on beta, so that its term of the gradient is exercised too
     model = GeneralizedMixedModel(
@@ -407,14 +410,10 @@ def test_pirls_from_a_far_warm_start_finds_the_mode_from_zero():
     from reffects.finish import GeneralizedMixedModel
     from reffects.likelihoods import get_likelihood
 
-    load, _, response, _, features, factors, family = GLMM_CASES["grouseticks"]
-    frame = load()
-    y = frame[response].to_numpy(float)
-    design = np.column_stack([np.ones(len(y))] + [frame[c].to_numpy(float) for c in features])
-    codes, levels = _codes(frame, factors)
+    y, weights, design, codes, levels = _glmm_arrays("grouseticks")
     width = design.shape[1]
     model = GeneralizedMixedModel(
-        get_likelihood(family), y, np.ones(len(y)), design, codes, levels,
+        get_likelihood("poisson"), y, weights, design, codes, levels,
         np.zeros(width), np.zeros(width), 0.0,
     )  # fmt: skip
     zeros = [np.zeros(g) for g in levels]
